@@ -25,7 +25,7 @@ def eos_token_ids(target: Target) -> set[int]:
     return ids
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -62,7 +62,7 @@ class Engine:
             start = time.perf_counter()
             context_len = self.verifier.context_len
             emitted, budget, root = self._round(root, policy, sampling, generator, max_new_tokens - result.new_tokens)
-            _synchronize(device)
+            synchronize(device)
             kept, finished = self._emit(result, emitted, max_new_tokens, on_tokens)
             result.rounds.append(RoundRecord(budget, kept, context_len, time.perf_counter() - start))
             if finished:

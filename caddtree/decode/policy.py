@@ -71,21 +71,28 @@ class CostAware:
         return tree_from_ranked(ranked, choose(gains, round_costs))
 
 
-def make_policy(method: str, budget: int | None = None, rule: str = "exact",
-                cost_model: CostModel | None = None, max_nodes: int = 1024):
-    """The policy for a method name, checking the arguments a user gives."""
+def check_policy_arguments(method: str, budget: int | None = None, rule: str = "exact") -> None:
+    """Reject a user's bad method, budget or rule before any work is done."""
     if method not in METHODS:
         raise CaddtreeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if budget is not None and budget < 0:
         raise CaddtreeError(f"the budget must be >= 0, got {budget}")
+    if rule not in RULES:
+        raise CaddtreeError(f"unknown budget rule {rule!r}; choose greedy or exact")
+
+
+def make_policy(method: str, budget: int | None = None, rule: str = "exact",
+                cost_model: CostModel | None = None):
+    """The policy for a method. For caddtree, `budget` caps the tree (default: the largest
+    profiled size); for ddtree it is the fixed size (default 64)."""
+    check_policy_arguments(method, budget, rule)
     if method == "ar":
         return Autoregressive()
     if method == "dflash":
         return DFlashChain()
     if method == "ddtree":
         return FixedBudget(64 if budget is None else budget)
-    if rule not in RULES:
-        raise CaddtreeError(f"unknown budget rule {rule!r}; choose greedy or exact")
     if cost_model is None:
         raise CaddtreeError("caddtree needs a cost model (--cost-model FILE or auto)")
-    return CostAware(cost_model, rule, max_nodes if budget is None else budget)
+    largest_profiled = int(max(cost_model.measurements["sizes"]))
+    return CostAware(cost_model, rule, largest_profiled if budget is None else budget)

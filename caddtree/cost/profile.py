@@ -1,0 +1,109 @@
+"""Measuring Cv(n; l) and Cd(l) on this machine, and `--cost-model auto`'s profile-once cache.
+
+Cost depends on shapes, not on weight values or tokens: we time real target forwards over random
+trees of n nodes after a random context of l tokens, and real drafter passes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from caddtree.cost.model import CostModel, cache_path
+from caddtree.decode.engine import Engine, synchronize
+from caddtree.errors import CaddtreeError
+from caddtree.tree.build import rank_nodes, tree_from_ranked
+
+FULL_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+FULL_CONTEXTS = (128, 512, 1536)
+QUICK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+QUICK_CONTEXTS = (64, 512)
+
+
+def device_label(device: torch.device) -> str:
+    """Names the hardware, so a cached model is not reused on other hardware."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{torch.get_num_threads()}threads"
+
+
+def cost_meta(engine: Engine, drafter_name: str) -> dict:
+    return {
+        "target": engine.target.name,
+        "drafter": drafter_name,
+        "device": device_label(engine.target.device),
+        "dtype": str(engine.target.dtype).removeprefix("torch."),
+    }
+
+
+def _timed(run, repeats: int, device: torch.device) -> float:
+    """Median wall seconds of `run()` over `repeats` calls, after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _random_tree(draft_len: int, vocab: int, nodes: int, generator: torch.Generator, device):
+    """A realistic tree shape: the best-first tree of random peaked marginals."""
+    log_probs = torch.log_softmax(4 * torch.randn(draft_len, vocab, generator=generator), dim=-1)
+    ranked = rank_nodes(log_probs.to(device), nodes)
+    return tree_from_ranked(ranked, ranked.size)
+
+
+def _verify_once(engine: Engine, tree, root) -> None:
+    tokens = torch.cat([root[None], tree.tokens])
+    depths = torch.cat([tree.depths.new_zeros(1), tree.depths])
+    engine.verifier.verify(tokens, depths, tree.ancestor_mask)
+    engine.verifier.keep(tree.depths.new_zeros(0))  # back to the context alone
+
+
+def profile(engine: Engine, drafter_name: str, sizes=FULL_SIZES, contexts=FULL_CONTEXTS,
+            repeats: int = 3, seed: int = 0, show_progress: bool = True) -> CostModel:
+    """Measure and fit a cost model for this engine's target and drafter on this device."""
+    if engine.drafts is None:
+        raise CaddtreeError("profiling needs a drafter (the draft cost is part of the model)")
+    too_long = [c for c in contexts if c + engine.drafts.block_size >= engine.target.max_positions]
+    if too_long:
+        raise CaddtreeError(f"context lengths {too_long} do not fit the model's {engine.target.max_positions} positions")
+    device = engine.target.device
+    vocab = engine.target.model.get_output_embeddings().weight.shape[0]
+    draft_len = engine.drafts.block_size - 1
+    generator = torch.Generator().manual_seed(seed)
+    trees = {n: _random_tree(draft_len, vocab, n, generator, device) for n in sizes}
+    root = torch.tensor(1, device=device)
+    verify_seconds, draft_seconds = [], []
+    steps = tqdm(total=len(contexts) * (len(sizes) + 1), desc="profiling", disable=not show_progress, unit="shape")
+    for context_len in contexts:
+        prompt = torch.randint(0, vocab, (context_len,), generator=generator).to(device)
+        _, features = engine.verifier.prefill(prompt)
+        engine.drafts.reset()
+        engine.drafts.extend(features, torch.arange(context_len, device=device))
+        draft_seconds.append(_timed(lambda: engine.drafts.draft(root, context_len, draft_len), repeats, device))
+        steps.update()
+        row = []
+        for n in sizes:
+            row.append(_timed(lambda: _verify_once(engine, trees[n], root), repeats, device))
+            steps.update()
+        verify_seconds.append(row)
+    steps.close()
+    return CostModel.fit(cost_meta(engine, drafter_name), list(contexts), list(sizes), verify_seconds, draft_seconds)
+
+
+def auto_cost_model(engine: Engine, drafter_name: str, show_progress: bool = True) -> CostModel:
+    """The cached cost model for this (target, drafter, device, dtype), profiled briefly if absent."""
+    meta = cost_meta(engine, drafter_name)
+    path = cache_path(meta)
+    if path.is_file():
+        return CostModel.load(path, expect_meta=meta)
+    contexts = [c for c in QUICK_CONTEXTS if c + engine.drafts.block_size < engine.target.max_positions] or [1]
+    model = profile(engine, drafter_name, QUICK_SIZES, contexts, repeats=2, show_progress=show_progress)
+    model.save(path)
+    return model

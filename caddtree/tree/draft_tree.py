@@ -1,0 +1,48 @@
+"""The draft tree that the target verifies: nodes below a root, stored depth-major."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """A draft tree of n nodes below the root (the last accepted token).
+
+    Tree positions: 0 is the root, k >= 1 is node k-1 of the tensors below. Nodes are depth-major,
+    so every parent comes before its children.
+    """
+
+    tokens: torch.Tensor  # (n,) long, the token each node proposes
+    parents: torch.Tensor  # (n,) long, tree position of each node's parent (0 = root)
+    depths: torch.Tensor  # (n,) long, >= 1 (the root has depth 0)
+    ancestor_mask: torch.Tensor  # (n+1, n+1) bool, [i, j] = position j is i or an ancestor of i
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[0]
+
+    @staticmethod
+    def empty(device: torch.device | str) -> "DraftTree":
+        no_nodes = torch.zeros(0, dtype=torch.long, device=device)
+        root_sees_itself = torch.ones(1, 1, dtype=torch.bool, device=device)
+        return DraftTree(no_nodes, no_nodes, no_nodes, root_sees_itself)
+
+
+def ancestor_mask_from_parents(parents: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+    """(n+1, n+1) bool over [root, nodes...]: [i, j] = j is i itself or an ancestor of i.
+
+    Walks every node up one level per step, all nodes at once, so the loop runs max-depth times.
+    """
+    num_positions = parents.shape[0] + 1
+    # The root is its own parent, so walks that reach it stay there.
+    parent_of_position = torch.cat([parents.new_zeros(1), parents])  # (n+1,)
+    positions = torch.arange(num_positions, device=parents.device)  # (n+1,)
+    mask = torch.zeros(num_positions, num_positions, dtype=torch.bool, device=parents.device)
+    mask[positions, positions] = True
+    max_depth = int(depths.max()) if depths.numel() else 0
+    ancestors = positions  # (n+1,) the ancestor of each position reached so far
+    for _ in range(max_depth):
+        ancestors = parent_of_position[ancestors]
+        mask[positions, ancestors] = True
+    return mask
