@@ -1,0 +1,5 @@
+import sys
+
+from caddtree.cli import main
+
+sys.exit(main())

@@ -1,0 +1,173 @@
+"""Command line: `caddtree generate PROMPT` and `caddtree profile`.
+
+A user's mistake is reported as one line on stderr with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from caddtree.errors import CaddtreeError
+
+PROG = "caddtree"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        raise CaddtreeError(message)
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    values = [_positive_int(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one value")
+    return sorted(set(values))
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", help="hub id, local model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
+    parser.add_argument("--drafter", help="DFlash drafter directory or hub id (default: the shipped drafter for the default target)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Lossless speculative decoding with cost-aware diffusion draft trees.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    generate = commands.add_parser("generate", help="generate text and print speed statistics")
+    generate.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
+    generate.add_argument("--method", default="caddtree", choices=["ar", "dflash", "ddtree", "caddtree"])
+    generate.add_argument("--budget", type=_non_negative_int,
+                          help="ddtree: tree size (default 64); caddtree: largest tree considered")
+    generate.add_argument("--rule", default="exact", choices=["greedy", "exact"], help="caddtree's budget rule")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=_non_negative_int, default=0)
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    generate.add_argument("--cost-model", default="auto", help="cost-model JSON, or auto (profile once, cached)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    _add_model_arguments(generate)
+
+    profile = commands.add_parser("profile", help="measure and fit the cost model Cv(n; l), Cd on this hardware")
+    profile.add_argument("--out", help="where to write the JSON (default: the cache that --cost-model auto reads)")
+    profile.add_argument("--sizes", type=_int_list, help="tree sizes n to time (default 1..1024, log-spaced)")
+    profile.add_argument("--contexts", type=_int_list, help="context lengths l (default 128,512,1536)")
+    profile.add_argument("--repeats", type=_positive_int, default=3)
+    _add_model_arguments(profile)
+    return parser
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load(args):
+    from caddtree.api import load
+
+    _say(f"loading target {args.target or 'SmolLM2-135M-Instruct (default GGUF)'} ...")
+    pair = load(args.target, args.drafter, args.device, args.dtype)
+    _say(f"drafter: {pair.drafter_description}")
+    return pair
+
+
+def _read_prompt(text: str) -> str:
+    return sys.stdin.read() if text == "-" else text
+
+
+def run_generate(args) -> None:
+    from caddtree.decode.policy import check_policy_arguments
+    from caddtree.decode.sampling import Sampling
+
+    prompt = _read_prompt(args.prompt)
+    if not prompt.strip():
+        raise CaddtreeError("the prompt is empty")
+    check_policy_arguments(args.method, args.budget, args.rule)
+    Sampling(args.temperature, args.top_p, args.top_k)
+    if args.cost_model != "auto" and args.method == "caddtree" and not os.path.isfile(args.cost_model):
+        raise CaddtreeError(f"cost model file not found: {args.cost_model}")
+    pair = _load(args)
+    stream = None if args.json else lambda text: print(text, end="", flush=True)
+    result = pair.generate(
+        prompt, method=args.method, budget=args.budget, rule=args.rule, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        raw=args.raw, cost_model=args.cost_model, on_text=stream,
+    )
+    if args.json:
+        print(json.dumps(result.summary()))
+        return
+    print()
+    print(
+        f"\n[{result.method}] {result.new_tokens} tokens | {result.tokens_per_s:.1f} tokens/s | "
+        f"{result.ms_per_token:.1f} ms/token | tau {result.tau:.2f} | {len(result.rounds)} rounds | "
+        f"mean budget {result.mean_budget:.1f}"
+    )
+
+
+def run_profile(args) -> None:
+    from caddtree.cost.model import cache_path
+    from caddtree.cost.profile import FULL_CONTEXTS, FULL_SIZES, cost_meta, profile
+
+    pair = _load(args)
+    model = profile(pair.engine, pair.drafter_name, args.sizes or FULL_SIZES, args.contexts or FULL_CONTEXTS, args.repeats)
+    out = args.out or cache_path(cost_meta(pair.engine, pair.drafter_name))
+    model.save(out)
+    sizes = model.measurements["sizes"]
+    print("verify ms by tree size n (rows: context length l)")
+    print("l \\ n  " + " ".join(f"{int(n):>7}" for n in sizes))
+    for context, row in zip(model.contexts, model.measurements["verify_seconds"]):
+        print(f"{context:<6} " + " ".join(f"{1000 * s:7.1f}" for s in row))
+    print("draft ms: " + ", ".join(f"l={c}: {1000 * s:.1f}" for c, s in zip(model.contexts, model.draft_seconds)))
+    print(f"saved {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        _quiet_libraries()
+        {"generate": run_generate, "profile": run_profile}[args.command](args)
+    except CaddtreeError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """transformers' own progress bars and advice would bury our output."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

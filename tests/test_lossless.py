@@ -1,0 +1,94 @@
+"""Every method must yield exactly the tokens of plain greedy decoding (the target alone)."""
+
+import pytest
+import torch
+
+from caddtree.cost.model import CostModel
+from caddtree.decode.engine import Engine
+from caddtree.decode.policy import make_policy
+from caddtree.models.drafter_io import random_drafter
+from tiny import tiny_target
+
+SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+def flat_cost_model(per_node_seconds: float) -> CostModel:
+    """Verification nearly free per node: caddtree then picks large trees (the risky case)."""
+    verify = [[0.01 + per_node_seconds * n for n in SIZES] for _ in range(2)]
+    meta = {"target": "tiny", "drafter": "random", "device": "cpu", "dtype": "float32"}
+    return CostModel.fit(meta, [8, 200], SIZES, verify, [0.002, 0.003])
+
+
+def policies():
+    yield make_policy("dflash")
+    for budget in (0, 1, 2, 5, 17, 64, 256):
+        yield make_policy("ddtree", budget)
+    for rule in ("greedy", "exact"):
+        for per_node in (1e-3, 1e-6):
+            yield make_policy("caddtree", None, rule, flat_cost_model(per_node))
+
+
+def random_prompts(count: int, vocab: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 24, (count,), generator=generator)
+    return [torch.randint(2, vocab - 4, (int(n),), generator=generator) for n in lengths]
+
+
+def greedy_reference(target, prompt: torch.Tensor, max_new_tokens: int, eos_ids: set[int]) -> list[int]:
+    """Plain greedy decoding with the model's own full forward each step: no cache, no engine."""
+    ids = prompt.tolist()
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(target.model(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(token)
+            new.append(token)
+            if token in eos_ids:
+                break
+    return new
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("block_size", [2, 5, 16])
+def test_every_method_matches_greedy(arch, block_size):
+    target = tiny_target(arch, vocab_size=24, seed=block_size)
+    engine = Engine(target, random_drafter(target, num_layers=2, block_size=block_size, seed=1))
+    engine.eos_ids = set()
+    accepted_more_than_one = False
+    for prompt in random_prompts(3, 24, seed=block_size):
+        max_new_tokens = 29  # odd: rounds end mid-way through the last block
+        expected = greedy_reference(target, prompt, max_new_tokens, set())
+        assert engine.generate(prompt, make_policy("ar"), max_new_tokens).tokens == expected
+        for policy in policies():
+            result = engine.generate(prompt, policy, max_new_tokens)
+            assert result.tokens == expected, f"{policy.name} {getattr(policy, 'budget', '')}"
+            accepted_more_than_one |= max(r.emitted for r in result.rounds) > 1
+    assert accepted_more_than_one, "no round accepted a draft token: the test exercised nothing"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_stops_at_eos_inside_an_accepted_path(arch):
+    target = tiny_target(arch, vocab_size=20, seed=3)
+    engine = Engine(target, random_drafter(target, num_layers=1, block_size=8, seed=2))
+    eos_inside_round = 0
+    for prompt in random_prompts(6, 20, seed=7):
+        free_run = greedy_reference(target, prompt, 30, set())
+        eos = free_run[len(free_run) // 2]  # a token the target really produces mid-way
+        engine.eos_ids = {eos}
+        expected = free_run[: free_run.index(eos) + 1]
+        for policy in (make_policy("ddtree", 256), make_policy("dflash"), make_policy("ar")):
+            result = engine.generate(prompt, policy, 30)
+            assert result.tokens == expected
+            eos_inside_round += policy.name == "ddtree" and bool(result.rounds) and result.rounds[-1].emitted > 1
+    assert eos_inside_round > 0, "EOS never arrived together with accepted draft tokens"
+
+
+def test_max_new_tokens_reached_mid_round():
+    target = tiny_target("llama", vocab_size=20, seed=5)
+    engine = Engine(target, random_drafter(target, num_layers=1, block_size=16, seed=2))
+    engine.eos_ids = set()
+    prompt = torch.tensor([3, 4, 5])
+    for max_new_tokens in (1, 2, 3, 7, 18):
+        expected = greedy_reference(target, prompt, max_new_tokens, set())
+        result = engine.generate(prompt, make_policy("ddtree", 256), max_new_tokens)
+        assert result.tokens == expected and len(result.tokens) == max_new_tokens

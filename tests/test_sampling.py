@@ -1,0 +1,95 @@
+"""At temperature > 0, speculative decoding must sample sequences from the target's own distribution."""
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from caddtree.decode.engine import Engine
+from caddtree.decode.policy import make_policy
+from caddtree.decode.sampling import Sampling
+from caddtree.errors import CaddtreeError
+from caddtree.models.drafter_io import random_drafter
+from test_lossless import flat_cost_model
+from tiny import tiny_target
+
+VOCAB = 6
+NEW_TOKENS = 3
+PROMPT = torch.tensor([2, 3, 1])
+
+
+def exact_sequence_probabilities(target, sampling: Sampling) -> dict[tuple, float]:
+    """P(sequence of NEW_TOKENS tokens) under the target alone, by enumerating every sequence."""
+    probabilities = {}
+    with torch.no_grad():
+        for sequence in itertools.product(range(VOCAB), repeat=NEW_TOKENS):
+            ids = torch.tensor([PROMPT.tolist() + list(sequence)])
+            step_probs = sampling.probabilities(target.model(ids).logits[0, len(PROMPT) - 1 : -1])
+            probabilities[sequence] = float(step_probs[torch.arange(NEW_TOKENS), list(sequence)].prod())
+    return probabilities
+
+
+def sampled_sequences(engine, policy, sampling, count: int) -> Counter:
+    return Counter(
+        tuple(engine.generate(PROMPT, policy, NEW_TOKENS, sampling, seed=seed).tokens) for seed in range(count)
+    )
+
+
+def chi_square_p_value(counts: Counter, probabilities: dict[tuple, float]) -> float:
+    """Goodness of fit, pooling sequences whose expected count is under 5 into one cell."""
+    total = sum(counts.values())
+    big = [s for s, p in probabilities.items() if p * total >= 5]
+    small = [s for s in probabilities if s not in big]
+    observed = [counts[s] for s in big] + [sum(counts[s] for s in small)]
+    expected = [probabilities[s] * total for s in big] + [sum(probabilities[s] for s in small) * total]
+    scale = total / sum(expected)  # the enumerated probabilities sum to 1 only up to float error
+    return chisquare(observed, [e * scale for e in expected]).pvalue
+
+
+@pytest.fixture(scope="module")
+def engine():
+    target = tiny_target("llama", vocab_size=VOCAB, layers=2, seed=21)
+    engine = Engine(target, random_drafter(target, num_layers=1, block_size=4, seed=0))
+    engine.eos_ids = set()
+    return engine
+
+
+@pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(0.8, top_p=0.9, top_k=4)])
+def test_caddtree_and_ar_sample_the_target_distribution(engine, sampling):
+    probabilities = exact_sequence_probabilities(engine.target, sampling)
+    assert abs(sum(probabilities.values()) - 1) < 1e-4
+    caddtree = make_policy("caddtree", None, "exact", flat_cost_model(1e-6))
+    for policy in (make_policy("ar"), caddtree, make_policy("ddtree", 20)):
+        counts = sampled_sequences(engine, policy, sampling, 2500)
+        assert chi_square_p_value(counts, probabilities) > 1e-3, policy.name
+
+
+def test_the_chi_square_check_rejects_a_wrong_distribution(engine):
+    """The test above has power: samples at another temperature fail it."""
+    probabilities = exact_sequence_probabilities(engine.target, Sampling(1.0))
+    counts = sampled_sequences(engine, make_policy("ar"), Sampling(1.6), 2500)
+    assert chi_square_p_value(counts, probabilities) < 1e-3
+
+
+def test_drafts_were_accepted_while_sampling(engine):
+    caddtree = make_policy("caddtree", None, "exact", flat_cost_model(1e-6))
+    results = [engine.generate(PROMPT, caddtree, NEW_TOKENS, Sampling(1.0), seed=s) for s in range(50)]
+    assert any(r.rounds and r.rounds[0].emitted > 1 for r in results)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    probs = Sampling(1.0, top_p=0.7).probabilities(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])))
+    torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    probs = Sampling(1.0, top_k=1).probabilities(torch.log(torch.tensor([[0.2, 0.5, 0.3]])))
+    torch.testing.assert_close(probs, torch.tensor([[0.0, 1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top-p"), ({"top_p": 1.5}, "top-p"),
+    ({"top_k": -2}, "top-k"),
+])
+def test_bad_sampling_arguments(arguments, message):
+    with pytest.raises(CaddtreeError, match=message):
+        Sampling(**arguments)
