@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--raw", action="store_true", help="do not apply the chat template")
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    generate.add_argument("--compare-ar", action="store_true",
+                          help="also decode with plain autoregressive decoding and report the speed-up")
     _add_model_arguments(generate)
 
     profile = commands.add_parser("profile", help="measure and fit the cost model Cv(n; l), Cd on this hardware")
@@ -114,17 +116,36 @@ def run_generate(args) -> None:
         raise CaddtreeError(f"cost model file not found: {args.cost_model}")
     pair = _load(args)
     stream = None if args.json else lambda text: print(text, end="", flush=True)
-    result = pair.generate(
-        prompt, method=args.method, budget=args.budget, rule=args.rule, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        raw=args.raw, cost_model=args.cost_model, on_text=stream,
+    options = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, raw=args.raw,
     )
+    result = pair.generate(
+        prompt, method=args.method, budget=args.budget, rule=args.rule, cost_model=args.cost_model,
+        on_text=stream, **options,
+    )
+    baseline = pair.generate(prompt, method="ar", **options) if args.compare_ar else None
     if args.json:
-        print(json.dumps(result.summary()))
+        summary = result.summary()
+        if baseline:
+            summary.update(ar_tokens_per_s=baseline.tokens_per_s, speedup_over_ar=_speedup(result, baseline))
+        print(json.dumps(summary))
         return
-    print()
-    print(
-        f"\n[{result.method}] {result.new_tokens} tokens | {result.tokens_per_s:.1f} tokens/s | "
+    print("\n")
+    for run in (result, baseline) if baseline else (result,):
+        print(_stats_line(run))
+    if baseline:
+        same = "identical output" if baseline.tokens == result.tokens else "outputs differ (sampling)"
+        print(f"speed-up of {result.method} over ar: {_speedup(result, baseline):.2f}x ({same})")
+
+
+def _speedup(result, baseline) -> float:
+    return result.tokens_per_s / baseline.tokens_per_s if baseline.tokens_per_s else 0.0
+
+
+def _stats_line(result) -> str:
+    return (
+        f"[{result.method}] {result.new_tokens} tokens | {result.tokens_per_s:.1f} tokens/s | "
         f"{result.ms_per_token:.1f} ms/token | tau {result.tau:.2f} | {len(result.rounds)} rounds | "
         f"mean budget {result.mean_budget:.1f}"
     )

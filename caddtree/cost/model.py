@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from caddtree.cache import cache_root
 from caddtree.cost.fit import CostCurve, fit_convex, fit_monotone
 from caddtree.errors import CaddtreeError
 
@@ -150,12 +151,11 @@ class CostModel:
 
 def cache_path(meta: dict) -> pathlib.Path:
     """Where `--cost-model auto` keeps the model for this meta: a readable prefix plus a hash of all of it."""
-    root = pathlib.Path(os.environ.get("CADDTREE_CACHE") or "~/.cache/caddtree").expanduser()
     # Model ids and paths are long; their last component is enough to recognise the file by eye.
     readable = "-".join(pathlib.PurePath(str(meta[key])).name for key in META_KEYS)
     prefix = re.sub(r"[^A-Za-z0-9._+-]+", "_", readable)[:80]
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
-    return root / "cost" / f"{prefix}-{digest}.json"
+    return cache_root() / "cost" / f"{prefix}-{digest}.json"
 
 
 def _read_json(path: pathlib.Path):

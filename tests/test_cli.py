@@ -1,0 +1,332 @@
+"""The command line: every user mistake is exit code 2 with one `caddtree: error:` line; the
+success paths print what they promise. All on tiny targets written to temporary directories."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from caddtree.cli import main
+from caddtree.cost.model import CostModel
+from caddtree.cost.profile import device_label
+from caddtree.models.drafter import DFlashDrafter
+from caddtree.models.drafter_io import WEIGHTS_FILE, random_drafter, save_drafter
+from tests.tiny import tiny_model, tiny_target, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = {"text", "new_tokens", "tokens_per_s", "ms_per_token", "tau", "rounds", "mean_budget", "method"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and with two cores shared with other work torch's
+    thread pool can make each matmul a hundred times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny Llama target directory, a fitting drafter and drafters that do not fit it."""
+    root = tmp_path_factory.mktemp("models")
+    target_dir = root / "target"
+    tiny_model("llama", vocab_size=32, layers=4).save_pretrained(target_dir)
+    tiny_tokenizer(32).save_pretrained(target_dir)
+    target = tiny_target("llama", vocab_size=32, layers=4)
+
+    drafter_dir = root / "drafter"
+    good = random_drafter(target, num_layers=1, block_size=8)
+    save_drafter(good, drafter_dir)
+
+    narrow_dir = root / "narrow"  # a drafter made for a target of hidden size 32
+    narrow = dataclasses.replace(good.config, hidden_size=32, head_dim=8, intermediate_size=48)
+    save_drafter(DFlashDrafter(narrow), narrow_dir)
+
+    deep_dir = root / "deep"  # a drafter made for a 12-layer target: it reads layer 6
+    save_drafter(random_drafter(tiny_target("llama", layers=12), num_layers=1, block_size=8), deep_dir)
+    return {"target": target_dir, "drafter": drafter_dir, "narrow": narrow_dir, "deep": deep_dir}
+
+
+def generate_args(models, prompt="w3 w4 w5", *extra, drafter=None, target=None):
+    return [
+        "generate", prompt, "--raw", "--device", "cpu",
+        "--target", str(target or models["target"]), "--drafter", str(drafter or models["drafter"]),
+        *extra,
+    ]
+
+
+def run_cli(capsys, argv):
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_user_error(capsys, argv, *words, only_line=False):
+    """Exit code 2, no traceback, and exactly one `caddtree: error:` line (the last) naming the problem.
+
+    Loading prints progress lines to stderr first; `only_line` demands that the error is all of
+    stderr (mistakes caught before anything is loaded)."""
+    code, out, err = run_cli(capsys, argv)
+    assert code == 2, err
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = err.strip("\n").split("\n")
+    errors = [line for line in lines if line.startswith("caddtree: error: ")]
+    assert len(errors) == 1, err
+    assert lines[-1] == errors[0], err
+    if only_line:
+        assert len(lines) == 1, err
+    assert out == ""
+    message = errors[0]
+    for word in words:
+        assert word in message, message
+    return message
+
+
+# --- mistakes caught before loading anything ----------------------------------------------------
+
+
+def test_unknown_method(capsys, models):
+    assert_user_error(capsys, generate_args(models, "w3", "--method", "foo"),
+                      "--method", "invalid choice", "'foo'", only_line=True)
+
+
+def test_negative_budget(capsys, models):
+    assert_user_error(capsys, generate_args(models, "w3", "--budget", "-1"),
+                      "--budget", "must be >= 0, got -1", only_line=True)
+
+
+def test_budget_not_a_number(capsys, models):
+    assert_user_error(capsys, generate_args(models, "w3", "--budget", "many"),
+                      "--budget", "not a whole number", only_line=True)
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt(capsys, models, prompt):
+    assert_user_error(capsys, generate_args(models, prompt), "the prompt is empty", only_line=True)
+
+
+def test_negative_temperature(capsys, models):
+    assert_user_error(capsys, generate_args(models, "w3", "--temperature", "-1"),
+                      "temperature must be >= 0, got -1", only_line=True)
+
+
+def test_zero_top_p(capsys, models):
+    assert_user_error(capsys, generate_args(models, "w3", "--top-p", "0"),
+                      "top-p must be in (0, 1], got 0", only_line=True)
+
+
+def test_zero_max_new_tokens(capsys, models):
+    assert_user_error(capsys, generate_args(models, "w3", "--max-new-tokens", "0"),
+                      "--max-new-tokens", "must be >= 1, got 0", only_line=True)
+
+
+def test_missing_cost_model_file(capsys, models, tmp_path):
+    assert_user_error(capsys, generate_args(models, "w3", "--cost-model", tmp_path / "none.json"),
+                      "cost model file not found", "none.json", only_line=True)
+
+
+def test_no_command(capsys):
+    assert_user_error(capsys, [], "required", only_line=True)
+
+
+# --- mistakes found while loading or generating -------------------------------------------------
+
+
+def test_unknown_dtype(capsys, models):
+    assert_user_error(capsys, generate_args(models, "w3", "--dtype", "float8"),
+                      "unknown dtype 'float8'", "float32")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda(capsys, models):
+    argv = generate_args(models, "w3")
+    argv[argv.index("--device") + 1] = "cuda"
+    assert_user_error(capsys, argv, "device 'cuda'", "no CUDA")
+
+
+def test_unknown_device(capsys, models):
+    argv = generate_args(models, "w3")
+    argv[argv.index("--device") + 1] = "tpu9"
+    assert_user_error(capsys, argv, "unknown device 'tpu9'")
+
+
+def test_drafter_hidden_size_does_not_fit(capsys, models):
+    assert_user_error(capsys, generate_args(models, "w3", drafter=models["narrow"]),
+                      "hidden size 32", "the target 64")
+
+
+def test_drafter_layer_ids_do_not_fit(capsys, models):
+    assert_user_error(capsys, generate_args(models, "w3", drafter=models["deep"]),
+                      "target layers [6]", "layers 0..3")
+
+
+def test_missing_drafter_directory(capsys, models, tmp_path):
+    assert_user_error(capsys, generate_args(models, "w3", drafter=tmp_path / "no-drafter"),
+                      "drafter checkpoint directory not found", "no-drafter")
+
+
+def copy_drafter(models, tmp_path):
+    directory = tmp_path / "copy"
+    directory.mkdir()
+    for name in ("config.json", WEIGHTS_FILE):
+        (directory / name).write_bytes((models["drafter"] / name).read_bytes())
+    return directory
+
+
+def test_corrupt_drafter_weights(capsys, models, tmp_path):
+    drafter = copy_drafter(models, tmp_path)
+    (drafter / WEIGHTS_FILE).write_bytes(b"these bytes are not safetensors" * 8)
+    assert_user_error(capsys, generate_args(models, "w3", drafter=drafter),
+                      "unreadable or corrupt", WEIGHTS_FILE)
+
+
+def test_corrupt_drafter_config(capsys, models, tmp_path):
+    drafter = copy_drafter(models, tmp_path)
+    (drafter / "config.json").write_text('{"hidden_size": 64,')
+    assert_user_error(capsys, generate_args(models, "w3", drafter=drafter), "config.json", "not valid JSON")
+
+
+def test_missing_target_directory(capsys, models, tmp_path):
+    assert_user_error(capsys, generate_args(models, "w3", target=tmp_path / "no-target"),
+                      "no-target", "neither a model directory")
+
+
+def test_target_directory_without_config(capsys, models, tmp_path):
+    assert_user_error(capsys, generate_args(models, "w3", target=tmp_path), "has no config.json")
+
+
+def test_cost_model_for_another_model(capsys, models, tmp_path):
+    meta = {"target": "SmolLM2-135M-Instruct.Q4_1.gguf", "drafter": str(models["drafter"]),
+            "device": device_label(torch.device("cpu")), "dtype": "float32"}
+    path = tmp_path / "other.json"
+    CostModel.fit(meta, [8, 16], [1, 2, 4], [[1e-3, 2e-3, 3e-3], [2e-3, 3e-3, 4e-3]], [1e-3, 2e-3]).save(path)
+    assert_user_error(
+        capsys, generate_args(models, "w3", "--method", "caddtree", "--cost-model", path),
+        "other.json", "measured for target 'SmolLM2-135M-Instruct.Q4_1.gguf'", "not 'target'",
+    )
+
+
+def test_prompt_longer_than_context(capsys, models):
+    # 300 one-token words (w2..w9: words starting w0/w1 would split on the special tokens w0, w1);
+    # tiny models hold 256 positions.
+    prompt = " ".join(f"w{2 + i % 8}" for i in range(300))
+    assert_user_error(capsys, generate_args(models, prompt, "--method", "ar"),
+                      "the prompt has 300 tokens", "context holds 256")
+
+
+def test_subprocess_user_error_is_one_line_without_traceback(models):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "caddtree", *generate_args(models, "w3", "--budget", "-1")]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("caddtree: error: ") and "must be >= 0, got -1" in lines[0]
+
+
+def test_subprocess_load_error_ends_in_one_error_line(models, tmp_path):
+    """A mistake found after loading started: the progress line, then the one error line."""
+    drafter = copy_drafter(models, tmp_path)
+    (drafter / WEIGHTS_FILE).write_bytes(b"\x00" * 64)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "caddtree", *generate_args(models, "w3", "--method", "ar", drafter=drafter)]
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if line.startswith("caddtree: error: ")] == lines[-1:], result.stderr
+    assert "unreadable or corrupt" in lines[-1]
+    assert all(line.startswith("loading target ") for line in lines[:-1]), result.stderr
+
+
+# --- success paths -------------------------------------------------------------------------------
+
+
+def generate_json(capsys, models, *extra):
+    code, out, err = run_cli(capsys, generate_args(models, "w3 w4 w5", "--max-new-tokens", "8", "--json", *extra))
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    summary = json.loads(lines[0])
+    assert SUMMARY_KEYS <= summary.keys()
+    assert 1 <= summary["new_tokens"] <= 8
+    return summary
+
+
+@pytest.fixture(scope="module")
+def ar_text(models):
+    """Text of the autoregressive reference run (computed once for the comparisons below)."""
+    from caddtree.api import load
+
+    result = load(str(models["target"]), str(models["drafter"]), "cpu").generate(
+        "w3 w4 w5", method="ar", max_new_tokens=8, raw=True
+    )
+    return result.text
+
+
+def test_generate_ar_json(capsys, models, ar_text):
+    summary = generate_json(capsys, models, "--method", "ar")
+    assert summary["method"] == "ar"
+    assert summary["text"] == ar_text and ar_text.strip()
+    assert summary["tau"] == pytest.approx(1.0)
+    assert summary["mean_budget"] == 0
+
+
+@pytest.mark.parametrize("budget", [8, 64])
+def test_generate_ddtree_json_is_lossless(capsys, models, ar_text, budget):
+    summary = generate_json(capsys, models, "--method", "ddtree", "--budget", str(budget))
+    assert summary["method"] == "ddtree"
+    assert summary["text"] == ar_text
+    assert 0 < summary["mean_budget"] <= budget  # the last rounds' trees shrink to the tokens still wanted
+    if budget == 64:
+        # The (seeded) random drafter gets a token accepted here, so the equality above also
+        # covers emitting accepted tree tokens, not only the target's own token per round.
+        assert summary["tau"] > 1
+
+
+def test_generate_caddtree_auto_cost_model(capsys, models, ar_text, tmp_path, monkeypatch):
+    monkeypatch.setenv("CADDTREE_CACHE", str(tmp_path))
+    summary = generate_json(capsys, models, "--method", "caddtree", "--cost-model", "auto")
+    assert summary["method"] == "caddtree"
+    assert summary["text"] == ar_text
+    written = list((tmp_path / "cost").glob("*.json"))
+    assert len(written) == 1
+    model = CostModel.load(written[0])
+    assert model.meta["target"] == "target" and model.meta["drafter"] == str(models["drafter"])
+
+
+def test_generate_streams_text_and_stats(capsys, models, ar_text):
+    code, out, err = run_cli(capsys, generate_args(models, "w3 w4 w5", "--method", "ar", "--max-new-tokens", "8"))
+    assert code == 0, err
+    assert out.startswith(ar_text)
+    stats = out.strip().splitlines()[-1]
+    assert stats.startswith("[ar] ") and "tokens/s" in stats and "tau" in stats
+
+
+def test_profile_writes_a_loadable_cost_model(capsys, models, tmp_path):
+    out_path = tmp_path / "cm.json"
+    code, out, err = run_cli(capsys, [
+        "profile", "--target", models["target"], "--drafter", models["drafter"], "--device", "cpu",
+        "--sizes", "1,2,4", "--contexts", "8,16", "--repeats", "1", "--out", out_path,
+    ])
+    assert code == 0, err
+    model = CostModel.load(out_path)
+    assert model.contexts == [8, 16]
+    assert model.measurements["sizes"] == [1.0, 2.0, 4.0]
+    assert model.meta["target"] == "target"
+    lines = out.splitlines()
+    assert lines[0].startswith("verify ms by tree size")
+    assert lines[1].split()[-3:] == ["1", "2", "4"]
+    assert lines[2].split()[0] == "8" and lines[3].split()[0] == "16"
+    assert lines[-2].startswith("draft ms: l=8:")
+    assert lines[-1] == f"saved {out_path}"

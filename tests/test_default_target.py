@@ -1,0 +1,53 @@
+"""The embedded default target (SmolLM2-135M-Instruct GGUF), float32 on the CPU: still lossless."""
+
+import pytest
+import torch
+
+from caddtree.cost.model import CostModel
+from caddtree.decode.engine import Engine
+from caddtree.decode.policy import make_policy
+from caddtree.errors import CaddtreeError
+from caddtree.models.drafter_io import random_drafter
+from caddtree.models.target import encode_prompt, load_target
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "List five uses of a paperclip and explain each.",
+    "What is the difference between a list and a tuple in Python?",
+]
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def target():
+    torch.manual_seed(0)
+    return load_target(None)
+
+
+def cheap_cost_model() -> CostModel:
+    sizes = [1, 4, 16, 64]
+    meta = {"target": "smollm2", "drafter": "random", "device": "cpu", "dtype": "float32"}
+    return CostModel.fit(meta, [64], sizes, [[0.05 + 1e-5 * n for n in sizes]], [0.01])
+
+
+def test_every_method_reproduces_plain_greedy_decoding(target):
+    engine = Engine(target, random_drafter(target, num_layers=1, block_size=16, mask_token_id=16))
+    for prompt in PROMPTS:
+        prompt_ids = encode_prompt(target, prompt)
+        with torch.no_grad():
+            reference = target.model.generate(
+                prompt_ids[None], max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=sorted(engine.eos_ids)
+            )[0, len(prompt_ids):].tolist()
+        assert len(reference) == NEW_TOKENS, "pick prompts whose answers run past 64 tokens"
+        for policy in (make_policy("ar"), make_policy("dflash"), make_policy("ddtree", 24),
+                       make_policy("caddtree", None, "greedy", cheap_cost_model())):
+            assert engine.generate(prompt_ids, policy, NEW_TOKENS).tokens == reference, policy.name
+
+
+def test_default_prompt_encoding(target):
+    ids = encode_prompt(target, "Hello")
+    assert target.tokenizer.decode(ids).count("<|im_start|>") >= 2  # system + user turns of the template
+    raw = encode_prompt(target, "Hello", raw=True)
+    assert "<|im_start|>" not in target.tokenizer.decode(raw)
+    with pytest.raises(CaddtreeError, match="empty"):
+        encode_prompt(target, "  ")
