@@ -41,11 +41,17 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
 
 
-def _int_list(text: str) -> list[int]:
-    values = [_positive_int(part) for part in text.split(",") if part.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one value")
-    return sorted(set(values))
+def _int_list(minimum: int):
+    """A parser of comma-separated whole numbers >= minimum, sorted and de-duplicated."""
+    def parse(text: str) -> list[int]:
+        values = [_int(part) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one value")
+        if min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"values must be >= {minimum}, got {min(values)}")
+        return sorted(set(values))
+
+    return parse
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile = commands.add_parser("profile", help="measure and fit the cost model Cv(n; l), Cd on this hardware")
     profile.add_argument("--out", help="where to write the JSON (default: the cache that --cost-model auto reads)")
-    profile.add_argument("--sizes", type=_int_list, help="tree sizes n to time (default 1..1024, log-spaced)")
-    profile.add_argument("--contexts", type=_int_list, help="context lengths l (default 128,512,1536)")
+    profile.add_argument("--sizes", type=_int_list(0), help="tree sizes n to time (default 0..1024, log-spaced)")
+    profile.add_argument("--contexts", type=_int_list(1), help="context lengths l (default 128,512,1536)")
     profile.add_argument("--repeats", type=_positive_int, default=3)
     _add_model_arguments(profile)
     return parser
@@ -91,8 +97,9 @@ def _say(message: str) -> None:
 
 
 def _load(args):
-    from caddtree.api import load
+    from caddtree.api import load, parse_device, parse_dtype
 
+    parse_device(args.device), parse_dtype(args.dtype)  # fail before announcing the load
     _say(f"loading target {args.target or 'SmolLM2-135M-Instruct (default GGUF)'} ...")
     pair = load(args.target, args.drafter, args.device, args.dtype)
     _say(f"drafter: {pair.drafter_description}")

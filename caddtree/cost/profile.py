@@ -17,11 +17,12 @@ from caddtree.decode.engine import Engine, synchronize
 from caddtree.errors import CaddtreeError
 from caddtree.tree.build import rank_nodes, tree_from_ranked
 
-FULL_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+FULL_SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 FULL_CONTEXTS = (128, 512, 1536)
+# Size 0 is the root alone: the cost of a plain autoregressive step, the baseline every tree must beat.
 QUICK_CONTEXTS = (64, 512)
 # A CPU verifies a few hundred tokens in seconds; a GPU verifies 1024 in milliseconds.
-QUICK_SIZES = {"cpu": (1, 2, 4, 8, 16, 32, 64, 128), "cuda": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)}
+QUICK_SIZES = {"cpu": (0, 1, 2, 4, 8, 16, 32, 64, 128), "cuda": (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)}
 
 
 def device_label(device: torch.device) -> str:
