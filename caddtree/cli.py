@@ -89,6 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--contexts", type=_int_list(1), help="context lengths l (default 128,512,1536)")
     profile.add_argument("--repeats", type=_positive_int, default=3)
     _add_model_arguments(profile)
+
+    train = commands.add_parser("train-drafter", help="train a DFlash drafter for a target on its own answers")
+    train.add_argument("--out", required=True, help="checkpoint directory (also holds the cached data, history, loss plot)")
+    train.add_argument("--prompts", default="sharegpt", help="sharegpt (default) or a JSONL file with a \"prompt\" per line")
+    train.add_argument("--num-prompts", type=_positive_int, default=1000, help="training prompts (default 1000)")
+    train.add_argument("--eval-prompts", type=_non_negative_int, default=4, help="held-out prompts for tau (default 4)")
+    train.add_argument("--max-new-tokens", type=_positive_int, default=256, help="answer length cap when generating data")
+    train.add_argument("--generation-batch", type=_positive_int, default=16)
+    train.add_argument("--layers", type=_positive_int, default=1, help="drafter layers (default 1)")
+    train.add_argument("--block-size", type=_positive_int, default=16)
+    train.add_argument("--steps", type=_positive_int, default=1000)
+    train.add_argument("--learning-rate", type=float, default=6e-4)
+    train.add_argument("--anchors", type=_positive_int, default=16, help="anchored blocks per sequence")
+    train.add_argument("--sequences-per-step", type=_positive_int, default=4)
+    train.add_argument("--eval-every", type=_positive_int, default=200)
+    train.add_argument("--mask-token-id", type=_non_negative_int, help="default: the first unused embedding row")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--target", help="hub id, local model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
+    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     return parser
 
 
@@ -175,11 +194,43 @@ def run_profile(args) -> None:
     print(f"saved {out}")
 
 
+def run_train_drafter(args) -> None:
+    from pathlib import Path
+
+    from caddtree.api import parse_device
+    from caddtree.decode.engine import eos_token_ids
+    from caddtree.models.target import load_target
+    from caddtree.train.data import file_prompts, generate_examples, sharegpt_prompts
+    from caddtree.train.loop import TrainConfig, train
+
+    if args.block_size < 2:
+        raise CaddtreeError(f"--block-size must be at least 2, got {args.block_size}")
+    device = parse_device(args.device)
+    wanted = args.num_prompts + args.eval_prompts
+    prompts = sharegpt_prompts(wanted, args.seed) if args.prompts == "sharegpt" else file_prompts(args.prompts, wanted)
+    if len(prompts) <= args.eval_prompts:
+        raise CaddtreeError(f"only {len(prompts)} prompts found; need more than the {args.eval_prompts} held out")
+    eval_prompts, train_prompts = prompts[: args.eval_prompts], prompts[args.eval_prompts :]
+    _say(f"loading target {args.target or 'SmolLM2-135M-Instruct (default GGUF)'} ...")
+    target = load_target(args.target, device)  # float32 weights; bf16 autocast on CUDA
+    out = Path(args.out)
+    examples = generate_examples(target, train_prompts, out / "data.jsonl", args.max_new_tokens,
+                                 args.generation_batch, eos_token_ids(target))
+    config = TrainConfig(
+        num_layers=args.layers, block_size=args.block_size, steps=args.steps, learning_rate=args.learning_rate,
+        sequences_per_step=args.sequences_per_step, anchors_per_sequence=args.anchors,
+        eval_every=args.eval_every, mask_token_id=args.mask_token_id, seed=args.seed,
+    )
+    train(target, examples, out, config, eval_prompts)
+    print(f"saved drafter to {out} (loss plot: {out / 'loss.png'}, history: {out / 'history.json'})")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _quiet_libraries()
-        {"generate": run_generate, "profile": run_profile}[args.command](args)
+        commands = {"generate": run_generate, "profile": run_profile, "train-drafter": run_train_drafter}
+        commands[args.command](args)
     except CaddtreeError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
