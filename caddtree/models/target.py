@@ -135,15 +135,22 @@ def _ensure_dir(path: Path) -> Path:
 
 def encode_prompt(target: Target, prompt: str, raw: bool = False) -> torch.Tensor:
     """Prompt token ids (1-D), through the chat template unless `raw` or the model has none."""
-    if not prompt.strip():
+    return encode_chat(target, [{"role": "user", "content": prompt}], raw)
+
+
+def encode_chat(target: Target, messages: list[dict], raw: bool = False) -> torch.Tensor:
+    """Token ids (1-D) of a conversation ending in a user turn, ready for the assistant's reply.
+
+    Through the chat template unless `raw` or the model has none; then the turns' texts are
+    joined by blank lines (a base model reads the conversation as one document).
+    """
+    if not messages or not messages[-1]["content"].strip():
         raise CaddtreeError("the prompt is empty")
     tokenizer = target.tokenizer
     if not raw and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False
-        )
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     else:
-        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        ids = tokenizer("\n\n".join(message["content"] for message in messages), add_special_tokens=True)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long).flatten()
     if len(ids) >= target.max_positions:
         raise CaddtreeError(

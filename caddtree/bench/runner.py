@@ -1,0 +1,174 @@
+"""Runs every method side by side on each prompt, in one process, and records what each did.
+
+Side by side because absolute times are only comparable inside one run on one machine: every
+method decodes the same prompt right after the others, so drifting clocks or a busy neighbour
+touch them all alike.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from caddtree.bench.prompts import BenchPrompt
+from caddtree.cost.model import CostModel
+from caddtree.decode.engine import synchronize
+from caddtree.decode.policy import RULES, make_policy
+from caddtree.decode.sampling import Sampling
+from caddtree.models.target import encode_chat
+
+HF_GENERATE = "hf-generate"  # transformers' own generate: the outside reference, prefill included
+WARM_UP_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    label: str  # how tables name it: "ar", "ddtree@64", "caddtree-exact", ...
+    method: str  # ar, dflash, ddtree, caddtree or hf-generate
+    budget: int | None = None
+    rule: str = "exact"
+
+
+def method_specs(methods: list[str], budgets: list[int], hf_generate: bool) -> list[MethodSpec]:
+    """One entry per column of the comparison: ddtree at every budget, caddtree with every rule."""
+    specs = []
+    for method in methods:
+        if method == "ddtree":
+            specs += [MethodSpec(f"ddtree@{budget}", method, budget) for budget in budgets]
+        elif method == "caddtree":
+            specs += [MethodSpec(f"caddtree-{rule}", method, rule=rule) for rule in RULES]
+        else:
+            specs.append(MethodSpec(method, method))
+    if hf_generate:
+        specs.append(MethodSpec(HF_GENERATE, HF_GENERATE))
+    return specs
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What one method's decoding of one prompt produced, and how long it took."""
+
+    tokens: list[int]
+    decoded_tokens: int  # tokens produced by timed rounds (the prefill's token excluded, except hf-generate)
+    seconds: float
+    budgets: list[int]  # tree size per round
+    emitted: list[int]  # tokens per round
+
+
+@dataclass
+class Record:
+    """One method's decoding of one turn of one prompt."""
+
+    dataset: str
+    prompt_index: int
+    turn: int  # 0-based; MT-Bench's second turn is 1
+    method: str  # the MethodSpec label
+    new_tokens: int
+    decoded_tokens: int
+    decode_seconds: float
+    rounds: int
+    budgets: list[int]
+    emitted: list[int]
+    equal_to_ar: bool | None = None  # greedy only: same tokens as ar's
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.decoded_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class BenchRunner:
+    """Decodes prompts with every method on one loaded pair."""
+
+    def __init__(self, pair, specs: list[MethodSpec], sampling: Sampling, max_new_tokens: int,
+                 seed: int = 0, cost_model: CostModel | None = None):
+        self.pair = pair
+        self.specs = specs
+        self.sampling = sampling
+        self.max_new_tokens = max_new_tokens
+        self.seed = seed
+        self.policies = {
+            spec.label: make_policy(spec.method, spec.budget, spec.rule, cost_model)
+            for spec in specs if spec.method != HF_GENERATE
+        }
+
+    def warm_up(self, prompt: BenchPrompt) -> None:
+        """Run every method once, short and untimed: first calls pay for allocation and kernel set-up."""
+        prompt_ids = self._encode([{"role": "user", "content": prompt.turns[0]}])
+        for spec in self.specs:
+            self._decode(spec, prompt_ids, min(WARM_UP_TOKENS, self.max_new_tokens), self.seed)
+
+    def run(self, prompts: list[BenchPrompt], show_progress: bool = True) -> list[Record]:
+        total = sum(len(prompt.turns) for prompt in prompts) * len(self.specs)
+        records = []
+        with tqdm(total=total, desc="bench", unit="run", disable=not show_progress) as bar:
+            for prompt in prompts:
+                records += self._prompt_records(prompt, bar)
+        return records
+
+    def _prompt_records(self, prompt: BenchPrompt, bar: tqdm) -> list[Record]:
+        """Every method on every turn; a later turn sees the earlier turns and the greedy ar answers."""
+        messages, records = [], []
+        for turn, text in enumerate(prompt.turns):
+            messages.append({"role": "user", "content": text})
+            prompt_ids = self._encode(messages)
+            turn_records, outputs = self._turn_records(prompt, turn, prompt_ids, bar)
+            records += turn_records
+            if turn + 1 < len(prompt.turns):
+                messages.append({"role": "assistant", "content": self._own_answer(prompt_ids, outputs)})
+        return records
+
+    def _turn_records(self, prompt: BenchPrompt, turn: int, prompt_ids: torch.Tensor, bar: tqdm):
+        """Every method on one turn: its records, and each method's tokens by label."""
+        records, outputs = [], {}
+        for spec in self.specs:
+            decoded = self._decode(spec, prompt_ids, self.max_new_tokens, self.seed + prompt.index)
+            outputs[spec.label] = decoded.tokens
+            records.append(Record(prompt.dataset, prompt.index, turn, spec.label, len(decoded.tokens),
+                                  decoded.decoded_tokens, decoded.seconds, len(decoded.budgets), decoded.budgets,
+                                  decoded.emitted))
+            bar.set_postfix_str(f"{spec.label} {records[-1].tokens_per_s:.1f} tokens/s", refresh=False)
+            bar.update()
+        if self.sampling.greedy and "ar" in outputs:
+            for record in records:
+                record.equal_to_ar = outputs[record.method] == outputs["ar"]
+        return records, outputs
+
+    def _own_answer(self, prompt_ids: torch.Tensor, outputs: dict[str, list[int]]) -> str:
+        """The model's own greedy answer, fed to the next turn: ar's output when it ran greedy,
+        else decoded once more (untimed), so every method sees the same conversation."""
+        tokens = outputs.get("ar") if self.sampling.greedy else None
+        if tokens is None:
+            tokens = self.pair.engine.generate(prompt_ids, make_policy("ar"), self.max_new_tokens).tokens
+        return self.pair.target.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _encode(self, messages: list[dict]) -> torch.Tensor:
+        return encode_chat(self.pair.target, messages)
+
+    def _decode(self, spec: MethodSpec, prompt_ids, max_new_tokens: int, seed: int) -> Decoded:
+        if spec.method == HF_GENERATE:
+            return self._hf_generate(prompt_ids, max_new_tokens)
+        result = self.pair.engine.generate(prompt_ids, self.policies[spec.label], max_new_tokens, self.sampling, seed)
+        rounds = result.rounds
+        return Decoded(result.tokens, result.decoded_tokens, result.decode_seconds,
+                       [r.budget for r in rounds], [r.emitted for r in rounds])
+
+    @torch.inference_mode()
+    def _hf_generate(self, prompt_ids, max_new_tokens: int) -> Decoded:
+        """transformers' greedy generate, timed with its prefill (it does not report the two apart)."""
+        target, eos_ids = self.pair.target, sorted(self.pair.engine.eos_ids)
+        input_ids = prompt_ids[None].to(target.device)
+        max_new_tokens = min(max_new_tokens, target.max_positions - len(prompt_ids))
+        synchronize(target.device)
+        start = time.perf_counter()
+        output = target.model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+            do_sample=False, eos_token_id=eos_ids or None, pad_token_id=eos_ids[0] if eos_ids else None,
+        )
+        synchronize(target.device)
+        seconds = time.perf_counter() - start
+        tokens = output[0, len(prompt_ids):].tolist()
+        return Decoded(tokens, len(tokens), seconds, [0] * len(tokens), [1] * len(tokens))  # one token per forward
+
