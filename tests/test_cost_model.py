@@ -162,8 +162,8 @@ def test_load_wrong_format(tmp_path):
 
 
 def test_load_wrong_version(tmp_path):
-    with pytest.raises(CaddtreeError, match="has version 2; this caddtree reads 1"):
-        CostModel.load(write_model_json(tmp_path / "m.json", version=2))
+    with pytest.raises(CaddtreeError, match="has version 1; this caddtree reads 2"):
+        CostModel.load(write_model_json(tmp_path / "m.json", version=1))
 
 
 def test_load_missing_field(tmp_path):

@@ -104,7 +104,10 @@ def auto_cost_model(engine: Engine, drafter_name: str, show_progress: bool = Tru
     meta = cost_meta(engine, drafter_name)
     path = cache_path(meta)
     if path.is_file():
-        return CostModel.load(path, expect_meta=meta)
+        try:
+            return CostModel.load(path, expect_meta=meta)
+        except CaddtreeError:
+            pass  # written by an older caddtree, or damaged: a cache is remade, not reported
     contexts = [c for c in QUICK_CONTEXTS if c + engine.drafts.block_size < engine.target.max_positions] or [1]
     sizes = QUICK_SIZES.get(engine.target.device.type, QUICK_SIZES["cpu"])
     model = profile(engine, drafter_name, sizes, contexts, repeats=2, show_progress=show_progress)
