@@ -92,14 +92,14 @@ class Pair:
     def generate(self, prompt: str, method: str = "caddtree", budget: int | None = None,
                  rule: str = "exact", temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  max_new_tokens: int = 256, seed: int = 0, raw: bool = False,
-                 cost_model: str | CostModel | None = "auto",
+                 cost_model: str | CostModel | None = "auto", calibrate: bool = True,
                  on_text: Callable[[str], None] | None = None) -> GenerationResult:
         """Generate a reply to `prompt`; `on_text` receives the text as it grows (streaming)."""
         sampling = Sampling(temperature, top_p, top_k)
         check_policy_arguments(method, budget, rule)
         prompt_ids = encode_prompt(self.target, prompt, raw)
         model = self.cost_model(cost_model, on_text is not None) if method == "caddtree" else None
-        policy = make_policy(method, budget, rule, model)
+        policy = make_policy(method, budget, rule, model, calibrate)
         on_tokens = _text_streamer(self.target.tokenizer, on_text) if on_text else None
         result = self.engine.generate(prompt_ids, policy, max_new_tokens, sampling, seed, on_tokens)
         result.text = self.target.tokenizer.decode(result.tokens, skip_special_tokens=True)

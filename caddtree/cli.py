@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--budget", type=_non_negative_int,
                           help="ddtree: tree size (default 64); caddtree: largest tree considered")
     generate.add_argument("--rule", default="exact", choices=["greedy", "exact"], help="caddtree's budget rule")
+    generate.add_argument("--uncalibrated", action="store_true",
+                          help="caddtree: trust the drafter's probabilities as the paper does, without "
+                               "scaling them by the acceptance measured in earlier rounds")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--top-k", type=_non_negative_int, default=0)
@@ -190,7 +193,7 @@ def run_generate(args) -> None:
     )
     result = pair.generate(
         prompt, method=args.method, budget=args.budget, rule=args.rule, cost_model=args.cost_model,
-        on_text=stream, **options,
+        calibrate=not args.uncalibrated, on_text=stream, **options,
     )
     baseline = pair.generate(prompt, method="ar", **options) if args.compare_ar else None
     if args.json:

@@ -298,7 +298,8 @@ def test_bench_end_to_end(capsys, model_dirs, tmp_path, monkeypatch):
     code, stdout, err = run_cli(capsys, model_args(model_dirs, out, "--budgets", "4,8", "--n", "2"))
     assert code == 0, err
     records = read_records(out / RESULTS_JSON)
-    labels = ["ar", "dflash", "ddtree@4", "ddtree@8", "caddtree-greedy", "caddtree-exact", "hf-generate"]
+    labels = ["ar", "dflash", "ddtree@4", "ddtree@8", "caddtree-greedy", "caddtree-exact",
+              "caddtree-exact-uncalibrated", "hf-generate"]
     drawn = benchmark_prompts(None, 2, 0, str(model_dirs / "prompts.jsonl"))  # two of three toy prompts, mt-bench's one
     turns = [(p.dataset, p.index, turn) for p in drawn for turn in range(len(p.turns))]
     assert len(turns) == 4

@@ -26,6 +26,7 @@ def policies():
     for rule in ("greedy", "exact"):
         for per_node in (1e-3, 1e-6):
             yield make_policy("caddtree", None, rule, flat_cost_model(per_node))
+    yield make_policy("caddtree", None, "exact", flat_cost_model(1e-6), calibrate=False)
 
 
 def random_prompts(count: int, vocab: int, seed: int) -> list[torch.Tensor]:

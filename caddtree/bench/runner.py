@@ -30,6 +30,7 @@ class MethodSpec:
     method: str  # ar, dflash, ddtree, caddtree or hf-generate
     budget: int | None = None
     rule: str = "exact"
+    calibrate: bool = True  # caddtree: scale the surrogate by measured acceptance (False: the paper's rule)
 
 
 def method_specs(methods: list[str], budgets: list[int], hf_generate: bool) -> list[MethodSpec]:
@@ -40,6 +41,7 @@ def method_specs(methods: list[str], budgets: list[int], hf_generate: bool) -> l
             specs += [MethodSpec(f"ddtree@{budget}", method, budget) for budget in budgets]
         elif method == "caddtree":
             specs += [MethodSpec(f"caddtree-{rule}", method, rule=rule) for rule in RULES]
+            specs.append(MethodSpec("caddtree-exact-uncalibrated", method, rule="exact", calibrate=False))
         else:
             specs.append(MethodSpec(method, method))
     if hf_generate:
@@ -90,7 +92,7 @@ class BenchRunner:
         self.max_new_tokens = max_new_tokens
         self.seed = seed
         self.policies = {
-            spec.label: make_policy(spec.method, spec.budget, spec.rule, cost_model)
+            spec.label: make_policy(spec.method, spec.budget, spec.rule, cost_model, spec.calibrate)
             for spec in specs if spec.method != HF_GENERATE
         }
 

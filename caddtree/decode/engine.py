@@ -53,6 +53,7 @@ class Engine:
         generator = torch.Generator(device=device).manual_seed(seed)
         result = GenerationResult(method=policy.name, prompt_tokens=len(prompt_ids), tokens=[])
 
+        policy.reset()
         start = time.perf_counter()
         root = self._prefill(prompt_ids, sampling, generator, policy.uses_drafter)
         result.prefill_seconds = time.perf_counter() - start
@@ -90,6 +91,7 @@ class Engine:
         choices = sampling.choose(logits, generator)
         path = accepted_path(tree, choices)
         self.verifier.keep(path)
+        policy.observe(len(path) - 1)
         if policy.uses_drafter:
             self.drafts.extend(features[path], context_len + torch.arange(len(path), device=path.device))
         next_root = choices[path[-1]]

@@ -1,11 +1,11 @@
 """Round policies: how the drafter's marginals (and the cost model) become this round's tree.
 
-The decoding loop only calls `build`; it does not know which policy runs.
+The decoding loop only calls `reset`, `build` and `observe`; it does not know which policy runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,13 +13,24 @@ from caddtree.cost.model import CostModel
 from caddtree.errors import CaddtreeError
 from caddtree.tree.budget import exact_budget, greedy_budget
 from caddtree.tree.build import chain_tree, rank_nodes, tree_from_ranked
+from caddtree.tree.calibration import AcceptanceCalibration
 from caddtree.tree.draft_tree import DraftTree
 
 METHODS = ("ar", "dflash", "ddtree", "caddtree")
 RULES = ("greedy", "exact")
 
 
-class Autoregressive:
+class Policy:
+    """What every policy shares: no state between rounds unless it needs some."""
+
+    def reset(self) -> None:
+        """Called before each generation."""
+
+    def observe(self, accepted_nodes: int) -> None:
+        """Called after each round with how many draft nodes the target accepted."""
+
+
+class Autoregressive(Policy):
     """Plain decoding: no drafter, one target token per round."""
 
     name = "ar"
@@ -29,7 +40,7 @@ class Autoregressive:
         raise AssertionError("autoregressive decoding builds no tree")
 
 
-class DFlashChain:
+class DFlashChain(Policy):
     """The drafter's argmax at every position, verified as a chain."""
 
     name = "dflash"
@@ -40,7 +51,7 @@ class DFlashChain:
 
 
 @dataclass
-class FixedBudget:
+class FixedBudget(Policy):
     """DDTree: the `budget` heaviest nodes, best-first."""
 
     budget: int
@@ -53,22 +64,39 @@ class FixedBudget:
 
 
 @dataclass
-class CostAware:
-    """CaDDTree: the budget that maximises expected tokens per second this round."""
+class CostAware(Policy):
+    """CaDDTree: the budget that maximises expected tokens per second this round.
+
+    With `calibrate`, the surrogate's expected acceptance is scaled by the acceptance measured in
+    the previous rounds (see caddtree.tree.calibration); without it, the paper's rule as stated.
+    """
 
     cost_model: CostModel
     rule: str = "exact"
     max_nodes: int = 1024
+    calibrate: bool = True
+    calibration: AcceptanceCalibration = field(default_factory=AcceptanceCalibration)
+    _promised: float = field(default=0.0, init=False, repr=False)  # surrogate's Φ of this round's tree
     name = "caddtree"
     uses_drafter = True
 
+    def reset(self) -> None:
+        self.calibration.reset()
+        self._promised = 0.0
+
     def build(self, log_probs, context_len):
         ranked = rank_nodes(log_probs, self.max_nodes)
-        available = len(ranked.tokens)
-        round_costs = self.cost_model.round_costs(available, context_len, convex=self.rule == "greedy")
+        round_costs = self.cost_model.round_costs(ranked.size, context_len, convex=self.rule == "greedy")
         gains = ranked.log_weights.double().exp().to(round_costs.device)
+        scale = self.calibration.ratio if self.calibrate else 1.0
         choose = greedy_budget if self.rule == "greedy" else exact_budget
-        return tree_from_ranked(ranked, choose(gains, round_costs))
+        budget = choose(gains * scale, round_costs)
+        self._promised = float(gains[:budget].sum())
+        return tree_from_ranked(ranked, budget)
+
+    def observe(self, accepted_nodes: int) -> None:
+        self.calibration.observe(self._promised, accepted_nodes)
+        self._promised = 0.0
 
 
 def check_policy_arguments(method: str, budget: int | None = None, rule: str = "exact") -> None:
@@ -82,7 +110,7 @@ def check_policy_arguments(method: str, budget: int | None = None, rule: str = "
 
 
 def make_policy(method: str, budget: int | None = None, rule: str = "exact",
-                cost_model: CostModel | None = None):
+                cost_model: CostModel | None = None, calibrate: bool = True):
     """The policy for a method. For caddtree, `budget` caps the tree (default: the largest
     profiled size); for ddtree it is the fixed size (default 64)."""
     check_policy_arguments(method, budget, rule)
@@ -95,4 +123,4 @@ def make_policy(method: str, budget: int | None = None, rule: str = "exact",
     if cost_model is None:
         raise CaddtreeError("caddtree needs a cost model (--cost-model FILE or auto)")
     largest_profiled = int(max(cost_model.measurements["sizes"]))
-    return CostAware(cost_model, rule, largest_profiled if budget is None else budget)
+    return CostAware(cost_model, rule, largest_profiled if budget is None else budget, calibrate)
