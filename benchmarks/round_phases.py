@@ -55,7 +55,7 @@ def main():
     engine = Engine(target, random_drafter(target, num_layers=1, mask_token_id=16))
     prompt_ids = encode_prompt(target, PROMPT)
 
-    print(f"budget  draft ms  build ms  verify ms  build share of round")
+    print("budget  draft ms  build ms  verify ms  build share of round")
     for budget in args.budgets:
         t = phase_times(engine, prompt_ids, budget, args.rounds)
         total = sum(t.values())
