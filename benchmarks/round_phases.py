@@ -36,9 +36,7 @@ def phase_times(engine: Engine, prompt_ids, budget: int, rounds: int) -> dict[st
     for _ in range(rounds + 1):  # the first round warms up
         log_probs, draft_s = timed(lambda: drafts.draft(root, context_len, drafts.block_size - 1))
         tree, build_s = timed(lambda: tree_from_ranked(rank_nodes(log_probs, budget), budget))
-        tokens = torch.cat([root[None], tree.tokens])
-        depths = torch.cat([tree.depths.new_zeros(1), tree.depths])
-        _, verify_s = timed(lambda: (verifier.verify(tokens, depths, tree.ancestor_mask),
+        _, verify_s = timed(lambda: (verifier.verify(*tree.with_root(root), tree.ancestor_mask),
                                      verifier.keep(tree.depths.new_zeros(0))))  # back to the context
         for name, seconds in zip(totals, (draft_s, build_s, verify_s)):
             totals[name].append(seconds)

@@ -61,9 +61,7 @@ def _random_tree(draft_len: int, vocab: int, nodes: int, generator: torch.Genera
 
 
 def _verify_once(engine: Engine, tree, root) -> None:
-    tokens = torch.cat([root[None], tree.tokens])
-    depths = torch.cat([tree.depths.new_zeros(1), tree.depths])
-    engine.verifier.verify(tokens, depths, tree.ancestor_mask)
+    engine.verifier.verify(*tree.with_root(root), tree.ancestor_mask)
     engine.verifier.keep(tree.depths.new_zeros(0))  # back to the context alone
 
 

@@ -85,8 +85,7 @@ class Engine:
             tree = policy.build(self.drafts.draft(root, context_len, depth), context_len)
         else:
             tree = DraftTree.empty(root.device)
-        tree_tokens = torch.cat([root[None], tree.tokens])
-        tree_depths = torch.cat([tree.depths.new_zeros(1), tree.depths])
+        tree_tokens, tree_depths = tree.with_root(root)
         logits, features = self.verifier.verify(tree_tokens, tree_depths, tree.ancestor_mask)
         choices = sampling.choose(logits, generator)
         path = accepted_path(tree, choices)

@@ -22,6 +22,10 @@ class DraftTree:
     def size(self) -> int:
         return self.tokens.shape[0]
 
+    def with_root(self, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and depths (n+1,) of every tree position, root first: what the target verifies."""
+        return torch.cat([root[None], self.tokens]), torch.cat([self.depths.new_zeros(1), self.depths])
+
     @staticmethod
     def empty(device: torch.device | str) -> "DraftTree":
         no_nodes = torch.zeros(0, dtype=torch.long, device=device)
