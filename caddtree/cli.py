@@ -162,9 +162,10 @@ def _say(message: str) -> None:
 
 def _load(args):
     from caddtree.api import load, parse_device, parse_dtype
+    from caddtree.models.target import target_label
 
     parse_device(args.device), parse_dtype(args.dtype)  # fail before announcing the load
-    _say(f"loading target {args.target or 'SmolLM2-135M-Instruct (default GGUF)'} ...")
+    _say(f"loading target {target_label(args.target)} ...")
     pair = load(args.target, args.drafter, args.device, args.dtype)
     _say(f"drafter: {pair.drafter_description}")
     return pair
@@ -177,10 +178,10 @@ def _read_prompt(text: str) -> str:
 def run_generate(args) -> None:
     from caddtree.decode.policy import check_policy_arguments
     from caddtree.decode.sampling import Sampling
+    from caddtree.models.target import check_prompt_text
 
     prompt = _read_prompt(args.prompt)
-    if not prompt.strip():
-        raise CaddtreeError("the prompt is empty")
+    check_prompt_text(prompt)
     check_policy_arguments(args.method, args.budget, args.rule)
     Sampling(args.temperature, args.top_p, args.top_k)
     if args.cost_model != "auto" and args.method == "caddtree" and not os.path.isfile(args.cost_model):
@@ -265,7 +266,7 @@ def run_train_drafter(args) -> None:
 
     from caddtree.api import parse_device
     from caddtree.decode.engine import eos_token_ids
-    from caddtree.models.target import load_target
+    from caddtree.models.target import load_target, target_label
     from caddtree.train.data import file_prompts, generate_examples, sharegpt_prompts
     from caddtree.train.loop import TrainConfig, train
 
@@ -277,7 +278,7 @@ def run_train_drafter(args) -> None:
     if len(prompts) <= args.eval_prompts:
         raise CaddtreeError(f"only {len(prompts)} prompts found; need more than the {args.eval_prompts} held out")
     eval_prompts, train_prompts = prompts[: args.eval_prompts], prompts[args.eval_prompts :]
-    _say(f"loading target {args.target or 'SmolLM2-135M-Instruct (default GGUF)'} ...")
+    _say(f"loading target {target_label(args.target)} ...")
     target = load_target(args.target, device)  # float32 weights; bf16 autocast on CUDA
     out = Path(args.out)
     examples = generate_examples(target, train_prompts, out / "data.jsonl", args.max_new_tokens,

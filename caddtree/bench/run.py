@@ -13,6 +13,7 @@ from caddtree.bench.prompts import BenchPrompt, benchmark_prompts
 from caddtree.bench.report import environment, markdown_table, write_report
 from caddtree.bench.runner import BenchRunner, Record, method_specs
 from caddtree.decode.sampling import Sampling
+from caddtree.models.target import target_label
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ def run_bench(options: BenchOptions, say=lambda message: print(message, file=sys
     try:
         device = distributed.process_device(process, device)
         if process.is_main:
-            say(f"{len(prompts)} prompts over {process.world_size} process(es); loading target {options.target or 'SmolLM2-135M-Instruct (default GGUF)'} ...")
+            say(f"{len(prompts)} prompts over {process.world_size} process(es); loading target {target_label(options.target)} ...")
         pair = load(options.target, options.drafter, device, options.dtype)
         cost_model = None
         if "caddtree" in options.methods:

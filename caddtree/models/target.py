@@ -133,6 +133,17 @@ def _ensure_dir(path: Path) -> Path:
     return path
 
 
+def target_label(spec: str | None) -> str:
+    """How messages name a target the user gave (or did not give)."""
+    return spec or "SmolLM2-135M-Instruct (default GGUF)"
+
+
+def check_prompt_text(prompt: str) -> None:
+    """Reject an empty prompt; callers run this before loading anything slow."""
+    if not prompt.strip():
+        raise CaddtreeError("the prompt is empty")
+
+
 def encode_prompt(target: Target, prompt: str, raw: bool = False) -> torch.Tensor:
     """Prompt token ids (1-D), through the chat template unless `raw` or the model has none."""
     return encode_chat(target, [{"role": "user", "content": prompt}], raw)
@@ -144,8 +155,7 @@ def encode_chat(target: Target, messages: list[dict], raw: bool = False) -> torc
     Through the chat template unless `raw` or the model has none; then the turns' texts are
     joined by blank lines (a base model reads the conversation as one document).
     """
-    if not messages or not messages[-1]["content"].strip():
-        raise CaddtreeError("the prompt is empty")
+    check_prompt_text(messages[-1]["content"] if messages else "")
     tokenizer = target.tokenizer
     if not raw and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
