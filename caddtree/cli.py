@@ -34,6 +34,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -119,10 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--layers", type=_positive_int, default=1, help="drafter layers (default 1)")
     train.add_argument("--block-size", type=_positive_int, default=16)
     train.add_argument("--steps", type=_positive_int, default=1000)
+    train.add_argument("--max-minutes", type=_positive_float,
+                       help="stop training after this many minutes; the schedule decays over whichever ends first")
     train.add_argument("--learning-rate", type=float, default=6e-4)
     train.add_argument("--anchors", type=_positive_int, default=16, help="anchored blocks per sequence")
     train.add_argument("--sequences-per-step", type=_positive_int, default=4)
     train.add_argument("--eval-every", type=_positive_int, default=200)
+    train.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="dtype of the final checkpoint (bfloat16 halves its size)")
     train.add_argument("--mask-token-id", type=_non_negative_int, help="default: the first unused embedding row")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--target", help="hub id, local model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
@@ -284,7 +298,8 @@ def run_train_drafter(args) -> None:
     examples = generate_examples(target, train_prompts, out / "data.jsonl", args.max_new_tokens,
                                  args.generation_batch, eos_token_ids(target))
     config = TrainConfig(
-        num_layers=args.layers, block_size=args.block_size, steps=args.steps, learning_rate=args.learning_rate,
+        num_layers=args.layers, block_size=args.block_size, steps=args.steps, max_minutes=args.max_minutes,
+        learning_rate=args.learning_rate, save_dtype=args.save_dtype,
         sequences_per_step=args.sequences_per_step, anchors_per_sequence=args.anchors,
         eval_every=args.eval_every, mask_token_id=args.mask_token_id, seed=args.seed,
     )

@@ -107,6 +107,12 @@ def test_budget_not_a_number(capsys, models):
                       "--budget", "not a whole number", only_line=True)
 
 
+@pytest.mark.parametrize("value, words", [("0", "must be a finite number > 0"), ("soon", "not a number")])
+def test_train_time_limit_must_be_a_positive_number(capsys, tmp_path, value, words):
+    assert_user_error(capsys, ["train-drafter", "--out", str(tmp_path), "--max-minutes", value],
+                      "--max-minutes", words, only_line=True)
+
+
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_empty_prompt(capsys, models, prompt):
     assert_user_error(capsys, generate_args(models, prompt), "the prompt is empty", only_line=True)

@@ -48,6 +48,25 @@ def test_packed_blocks_match_brute_force(seed):
             assert not blocks.attention_mask[i, anchor:sequence_len].any()
 
 
+def test_padded_blocks_keep_the_real_ones_and_predict_nothing():
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 50, (12,), generator=generator)
+    anchors = sample_anchors(2, 12, 3, generator)
+    plain = pack_blocks(tokens, anchors, 4, mask_token=99, gamma=4.0)
+    padded = pack_blocks(tokens, anchors, 4, mask_token=99, gamma=4.0, context_width=20, num_blocks=5)
+    real = 3 * 4
+    for name in ("input_ids", "positions", "labels", "loss_weights"):
+        assert torch.equal(getattr(padded, name)[:real], getattr(plain, name))
+    assert torch.equal(padded.attention_mask[:real, :12], plain.attention_mask[:, :12])
+    assert torch.equal(padded.attention_mask[:real, 20 : 20 + real], plain.attention_mask[:, 12:])
+    assert not padded.attention_mask[:real, 12:20].any() and not padded.attention_mask[:real, 20 + real :].any()
+    assert (padded.labels[real:] == IGNORE).all() and (padded.loss_weights[real:] == 0).all()
+    assert (padded.input_ids[real:] == 99).all()
+    pad_rows = padded.attention_mask[real:]
+    assert not pad_rows[:, : 20 + real].any()  # padding sees no context and no real block
+    assert torch.equal(pad_rows[:, 20 + real :], torch.block_diag(*[torch.ones(4, 4, dtype=torch.bool)] * 2))
+
+
 def test_anchors_need_a_next_token():
     generator = torch.Generator().manual_seed(0)
     assert len(sample_anchors(5, 6, 3, generator)) == 0
@@ -55,7 +74,7 @@ def test_anchors_need_a_next_token():
 
 
 def test_learning_rate_warms_up_then_decays():
-    factors = [learning_rate_factor(step, 10, 100) for step in range(100)]
+    factors = [learning_rate_factor(step, 10, (step - 10) / 90) for step in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[-1] >= 0.1
 
@@ -106,3 +125,49 @@ def test_a_cut_short_json_array_yields_its_complete_items():
 
     assert _complete_items('[{"a": 1}, {"b": [2, 3]},\n {"c": "unterminat') == [{"a": 1}, {"b": [2, 3]}]
     assert _complete_items("[]") == []
+
+
+def test_batched_features_equal_one_sequence_at_a_time(tiny_data):
+    from caddtree.models.target import TargetRunner
+
+    target, examples, _, _ = tiny_data
+    runner = TargetRunner(target, [0, 1])
+    try:
+        batched = runner.features_of([e.token_ids for e in examples[:5]])
+        for example, features in zip(examples[:5], batched):
+            torch.testing.assert_close(features, runner.prefill(example.token_ids)[1], atol=1e-4, rtol=1e-3)
+    finally:
+        runner.close()
+
+
+def test_a_batch_loss_is_the_weighted_mean_of_its_sequences(tiny_data):
+    from caddtree.models.drafter_io import random_drafter
+    from caddtree.train.loop import batch_loss, target_features
+
+    target, examples, _, _ = tiny_data
+    chosen = [examples[1], examples[6], examples[11]]
+    assert len({len(e.token_ids) for e in chosen}) > 1  # different lengths: padding is exercised
+    drafter = random_drafter(target, 1, 6, seed=2).float()
+    config = TrainConfig(block_size=6, anchors_per_sequence=5)
+    features = target_features(target, drafter.config.target_layer_ids, chosen, batch_tokens=40)
+    with torch.no_grad():
+        together = batch_loss(drafter, target, chosen, features, config, 30, torch.Generator().manual_seed(9))
+        stream = torch.Generator().manual_seed(9)  # the same anchors, drawn one sequence at a time
+        singles = [batch_loss(drafter, target, [e], [f], config, 30, stream) for e, f in zip(chosen, features)]
+    stream = torch.Generator().manual_seed(9)
+    weights = [pack_blocks(e.token_ids, sample_anchors(len(e.prompt_ids), len(e.token_ids), 5, stream), 6, 30,
+                           config.gamma).loss_weights.sum() for e in chosen]
+    expected = sum(loss * weight for loss, weight in zip(singles, weights)) / sum(weights)
+    torch.testing.assert_close(together, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_time_limit_ends_training_and_still_saves(tiny_data, tmp_path):
+    target, examples, _, _ = tiny_data
+    config = TrainConfig(block_size=6, steps=10**6, max_minutes=0.01, sequences_per_step=2, anchors_per_sequence=4,
+                         save_dtype="bfloat16")
+    train(target, examples, tmp_path, config, [])
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert 0 < len(history["steps"]) < 10**6 and history["wall_seconds"] < 30
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(tmp_path / "model.safetensors").values()} == {torch.bfloat16}

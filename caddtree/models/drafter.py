@@ -61,10 +61,13 @@ class RMSNorm(nn.Module):
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (half-split layout) of x (..., seq, head_dim) at absolute positions (seq,)."""
+    """Rotary embedding (half-split layout) of x (..., heads, seq, head_dim) at absolute positions
+    (seq,) shared by the batch, or (batch, seq) per batch row."""
     half = x.shape[-1] // 2
     inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (seq, half)
+    angles = positions.float()[..., None] * inv_freq  # (..., seq, half)
+    if positions.dim() > 1:
+        angles = angles.unsqueeze(-3)  # broadcast over heads
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -79,11 +79,13 @@ def config_to_dict(config: DrafterConfig) -> dict:
     return raw
 
 
-def save_drafter(drafter: DFlashDrafter, directory: str | Path) -> None:
+def save_drafter(drafter: DFlashDrafter, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write config.json and the weights (in `dtype`, default: as they are) in the published layout."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config_to_dict(drafter.config), indent=2) + "\n")
-    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in drafter.state_dict().items()}
+    weights = {name: tensor.detach().to(dtype or tensor.dtype).contiguous().cpu()
+               for name, tensor in drafter.state_dict().items()}
     save_file(weights, str(directory / WEIGHTS_FILE))
 
 

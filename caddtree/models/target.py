@@ -225,6 +225,18 @@ class TargetRunner:
         return logits[-1], features
 
     @torch.inference_mode()
+    def features_of(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Features (T_i, F) of whole token sequences, in one forward without the cache.
+
+        Right-padded: causal attention keeps every real token blind to the padding after it.
+        """
+        batch = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True).to(self.target.device)
+        self._captured.clear()
+        self.target.model(input_ids=batch, use_cache=False, logits_to_keep=1)
+        features = torch.cat([self._captured[j] for j in self.feature_layers], dim=-1)
+        return [features[i, : len(sequence)] for i, sequence in enumerate(sequences)]
+
+    @torch.inference_mode()
     def verify(self, tree_token_ids: torch.Tensor, tree_depths: torch.Tensor, ancestor_mask: torch.Tensor):
         """One forward over [root, nodes...]: logits (n+1, V) and features (n+1, F) per tree position.
 

@@ -90,16 +90,19 @@ def generate_examples(target: Target, prompts: list[str], cache_file: Path, max_
                       batch_size: int, eos_ids: set[int]) -> list[Example]:
     """The target's greedy answers to `prompts`, appended batch by batch to `cache_file`.
 
-    Resumable: answers already in the file are kept and their prompts skipped.
+    Resumable: prompts already answered in the file are skipped. Prompts are answered shortest
+    first, so that a batch holds similar lengths and little padding.
     """
     examples = read_examples(cache_file)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    if len(examples) < len(prompts):  # rewrite without any cut-short last line
-        cache_file.write_text("".join(_record(e) for e in examples))
-    todo = prompts[len(examples):]
-    with cache_file.open("a") as sink, tqdm(total=len(prompts), initial=len(examples), desc="generating data", unit="prompt") as bar:
+    cache_file.write_text("".join(_record(e) for e in examples))  # drops a line cut short by an interruption
+    done = {tuple(e.prompt_ids) for e in examples}
+    encoded = sorted((encode_prompt(target, prompt).tolist() for prompt in prompts), key=len)
+    todo = [ids for ids in encoded if tuple(ids) not in done]
+    with cache_file.open("a") as sink, tqdm(total=len(encoded), initial=len(encoded) - len(todo),
+                                            desc="generating data", unit="prompt") as bar:
         for start in range(0, len(todo), batch_size):
-            batch = [encode_prompt(target, prompt).tolist() for prompt in todo[start : start + batch_size]]
+            batch = todo[start : start + batch_size]
             for prompt_ids, response in zip(batch, _greedy_batch(target, batch, max_new_tokens, eos_ids)):
                 example = Example(prompt_ids, response)
                 examples.append(example)
