@@ -53,9 +53,19 @@ def default_drafter_spec(target_spec: str | None) -> str:
     return RANDOM_DRAFTER
 
 
+def _random_drafter_layers(spec: str) -> int:
+    """`random` is a 1-layer untrained drafter; `random:N` has N layers (for profiling Cd)."""
+    layers = spec.removeprefix(RANDOM_DRAFTER).removeprefix(":") or "1"
+    if not layers.isdigit() or int(layers) < 1:
+        raise CaddtreeError(f"drafter {spec!r}: write random or random:N with N >= 1 layers")
+    return int(layers)
+
+
 def _fallback_mask_token(target: Target) -> int:
     """Any token serves an untrained drafter; prefer an unused embedding row."""
     rows = target.model.get_input_embeddings().weight.shape[0]
+    if target.tokenizer is None:  # a random architecture: no token is in use
+        return rows - 1
     if len(target.tokenizer) < rows:
         return len(target.tokenizer)
     tokenizer = target.tokenizer
@@ -73,7 +83,7 @@ class Pair:
 
     @property
     def drafter_description(self) -> str:
-        if self.drafter_name == RANDOM_DRAFTER:
+        if self.drafter_name.split(":")[0] == RANDOM_DRAFTER:
             return "an untrained, randomly initialised drafter (no trained drafter for this target): expect no speed-up"
         if Path(self.drafter_name) == DEFAULT_DRAFTER_DIR:
             return "the default drafter shipped with caddtree"
@@ -129,8 +139,9 @@ def load(target: str | None = None, drafter: str | None = None, device: str = "c
     device = parse_device(device)
     loaded_target = load_target(target, device, parse_dtype(dtype))
     drafter = drafter or default_drafter_spec(target)
-    if drafter == RANDOM_DRAFTER:
-        module = random_drafter(loaded_target, num_layers=1, mask_token_id=_fallback_mask_token(loaded_target))
+    if drafter == RANDOM_DRAFTER or drafter.startswith(RANDOM_DRAFTER + ":"):
+        layers = _random_drafter_layers(drafter)
+        module = random_drafter(loaded_target, num_layers=layers, mask_token_id=_fallback_mask_token(loaded_target))
     else:
         module = load_drafter(drafter, loaded_target)
     return Pair(loaded_target, drafter, module)

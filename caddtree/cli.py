@@ -79,8 +79,10 @@ def _name_list(choices: tuple[str, ...] | None = None):
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", help="hub id, local model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
-    parser.add_argument("--drafter", help="DFlash drafter directory or hub id (default: the shipped drafter for the default target)")
+    parser.add_argument("--target", help="hub id, local model directory or .gguf file (default: SmolLM2-135M-Instruct "
+                        "GGUF); for profile also random:qwen3-4b, random:qwen3-8b or random:CONFIG.json")
+    parser.add_argument("--drafter", help="DFlash drafter directory or hub id (default: the shipped drafter for the "
+                        "default target); random or random:N for an untrained N-layer drafter")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
 
@@ -240,6 +242,8 @@ def _stats_line(result) -> str:
 def run_profile(args) -> None:
     from caddtree.cost.model import cache_path
     from caddtree.cost.profile import FULL_CONTEXTS, FULL_SIZES, cost_meta, profile
+    from caddtree.cost.shape import convexity_statement, monotonicity_statement, plot_verify_costs
+    from pathlib import Path
 
     pair = _load(args)
     model = profile(pair.engine, pair.drafter_name, args.sizes or FULL_SIZES, args.contexts or FULL_CONTEXTS, args.repeats)
@@ -251,7 +255,11 @@ def run_profile(args) -> None:
     for context, row in zip(model.contexts, model.measurements["verify_seconds"]):
         print(f"{context:<6} " + " ".join(f"{1000 * s:7.1f}" for s in row))
     print("draft ms: " + ", ".join(f"l={c}: {1000 * s:.1f}" for c, s in zip(model.contexts, model.draft_seconds)))
-    print(f"saved {out}")
+    for context, row in zip(model.contexts, model.measurements["verify_seconds"]):
+        print(f"Cv at l={context}: {convexity_statement(sizes, row)}; {monotonicity_statement(sizes, row)}")
+    plot = Path(out).with_suffix(".png")
+    plot_verify_costs(model, plot)
+    print(f"saved {out} and the plot {plot}")
 
 
 def run_bench(args) -> None:

@@ -334,5 +334,43 @@ def test_profile_writes_a_loadable_cost_model(capsys, models, tmp_path):
     assert lines[0].startswith("verify ms by tree size")
     assert lines[1].split()[-3:] == ["1", "2", "4"]
     assert lines[2].split()[0] == "8" and lines[3].split()[0] == "16"
-    assert lines[-2].startswith("draft ms: l=8:")
-    assert lines[-1] == f"saved {out_path}"
+    assert lines[-4].startswith("draft ms: l=8:")
+    assert lines[-3].startswith("Cv at l=8: ") and lines[-2].startswith("Cv at l=16: ")
+    assert lines[-1] == f"saved {out_path} and the plot {out_path.with_suffix('.png')}"
+    assert out_path.with_suffix(".png").stat().st_size > 0
+
+
+def test_profile_of_a_random_architecture(capsys, models, tmp_path):
+    config = tmp_path / "config.json"
+    tiny_model("qwen3", vocab_size=40, layers=3).config.to_json_file(config)
+    code, out, err = run_cli(capsys, [
+        "profile", "--target", f"random:{config}", "--drafter", "random:2", "--device", "cpu",
+        "--sizes", "0,2,4", "--contexts", "8", "--repeats", "1", "--out", tmp_path / "cm.json",
+    ])
+    assert code == 0, err
+    model = CostModel.load(tmp_path / "cm.json")
+    assert model.meta["target"] == f"random:{config}" and model.meta["drafter"] == "random:2"
+    assert "untrained" in err
+
+
+def test_a_random_architecture_cannot_generate(capsys, tmp_path):
+    config = tmp_path / "config.json"
+    tiny_model("llama", vocab_size=32, layers=2).config.to_json_file(config)
+    assert_user_error(capsys, ["generate", "hello", "--device", "cpu", "--target", f"random:{config}"],
+                      "randomly initialised", "profile")
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("random:qwen9-1t", ("unknown architecture 'qwen9-1t'", "random:qwen3-4b")),
+    ("random:{tmp}/broken.json", ("not valid JSON",)),
+    ("random:{tmp}/no_type.json", ('no "model_type"',)),
+])
+def test_random_architecture_mistakes(capsys, tmp_path, spec, words):
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "no_type.json").write_text('{"hidden_size": 8}')
+    assert_user_error(capsys, ["profile", "--device", "cpu", "--target", spec.format(tmp=tmp_path)], *words)
+
+
+@pytest.mark.parametrize("spec", ["random:0", "random:x"])
+def test_random_drafter_layer_count_must_be_positive(capsys, models, spec):
+    assert_user_error(capsys, generate_args(models, drafter=spec), "random:N")

