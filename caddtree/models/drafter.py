@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from caddtree.models.kv_buffer import joined
+
 
 @dataclass
 class DrafterConfig:
@@ -96,14 +98,14 @@ class DrafterAttention(nn.Module):
         return keys, self._split(self.v_proj(x), self.kv_heads)
 
     def forward(self, x, positions, context_keys, context_values, attn_mask=None):
-        """x: block hidden states (..., b, H); context keys/values (..., kv_heads, c, head_dim)."""
+        """x: block hidden states (..., b, H); context keys/values (..., kv_heads, c, head_dim), as
+        tensors or as KVBuffers (decoding: the block is appended in place for this pass only)."""
         queries = rotate(self.q_norm(self._split(self.q_proj(x), self.heads)), positions, self.rope_theta)
         block_keys, block_values = self.keys_values(x, positions)
-        keys = torch.cat([context_keys, block_keys], dim=-2)
-        values = torch.cat([context_values, block_values], dim=-2)
-        out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=attn_mask, enable_gqa=self.heads != self.kv_heads
-        )
+        with joined(context_keys, block_keys) as keys, joined(context_values, block_values) as values:
+            out = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=attn_mask, enable_gqa=self.heads != self.kv_heads
+            )
         return self.o_proj(out.transpose(-3, -2).flatten(-2))
 
 
@@ -153,7 +155,8 @@ class DFlashDrafter(nn.Module):
         return [layer.self_attn.keys_values(context, positions) for layer in self.layers]
 
     def block_hidden(self, block_embeds, positions, context_kv, attn_mask=None) -> torch.Tensor:
-        """Final normed hidden states (..., b, H) of a block given per-layer context keys/values."""
+        """Final normed hidden states (..., b, H) of a block given per-layer context keys/values
+        (tensors, or KVBuffers that the pass leaves as it found them)."""
         x = block_embeds
         for layer, (keys, values) in zip(self.layers, context_kv):
             x = layer(x, positions, keys, values, attn_mask)

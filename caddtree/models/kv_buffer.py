@@ -1,0 +1,107 @@
+"""Key/value storage that grows in place: one buffer per tensor, written at the end, compacted by
+an index copy. Decoding appends a few entries per round; reallocating and copying the whole cache
+each time (what `torch.cat` does) would cost O(context) per round."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+INITIAL_CAPACITY = 2048  # entries; doubled when full, kept across generations
+
+
+class KVBuffer:
+    """Entries (..., length, head_dim) held in a buffer (..., capacity, head_dim)."""
+
+    def __init__(self):
+        self.data: torch.Tensor | None = None
+        self.length = 0
+
+    def view(self) -> torch.Tensor:
+        return self.data[..., : self.length, :]
+
+    def clear(self) -> None:
+        self.length = 0  # the buffer stays allocated for the next sequence
+
+    def append(self, entries: torch.Tensor) -> torch.Tensor:
+        """Write `entries` after the current ones; returns a view of all of them."""
+        end = self.length + entries.shape[-2]
+        self._reserve(entries, end)
+        self.data[..., self.length : end, :].copy_(entries)
+        self.length = end
+        return self.view()
+
+    @contextmanager
+    def appended(self, entries: torch.Tensor):
+        """All entries plus `entries` for the duration of a `with` block, then without them again."""
+        length = self.length
+        try:
+            yield self.append(entries)
+        finally:
+            self.length = length
+
+    def keep(self, start: int, positions: torch.Tensor) -> None:
+        """Keep the first `start` entries and then those at `positions` (>= start, increasing)."""
+        kept = self.data.index_select(-2, positions)  # read all before writing: the ranges overlap
+        self.data[..., start : start + len(positions), :].copy_(kept)
+        self.length = start + len(positions)
+
+    def _reserve(self, like: torch.Tensor, size: int) -> None:
+        if self.data is not None and size <= self.data.shape[-2]:
+            return
+        grown = like.new_empty(*like.shape[:-2], max(INITIAL_CAPACITY, 2 * size), like.shape[-1])
+        if self.length:
+            grown[..., : self.length, :].copy_(self.view())
+        self.data = grown
+
+
+class BufferedCacheLayer(DynamicLayer):
+    """A transformers cache layer on KVBuffers: the model's `update` appends in place, and
+    `keep` compacts after tree verification."""
+
+    def __init__(self):
+        super().__init__()
+        self._keys, self._values = KVBuffer(), KVBuffer()
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = self._keys.append(key_states), self._values.append(value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._keys.length
+
+    @contextmanager
+    def appended(self, entries: torch.Tensor):
+        """All entries plus `entries` for the duration of a `with` block, then without them again."""
+        length = self.length
+        try:
+            yield self.append(entries)
+        finally:
+            self.length = length
+
+    def keep(self, start: int, positions: torch.Tensor) -> None:
+        self._keys.keep(start, positions)
+        self._values.keep(start, positions)
+        self.keys, self.values = self._keys.view(), self._values.view()
+
+    def clear(self) -> None:
+        self._keys.clear()
+        self._values.clear()
+        if self.is_initialized:
+            self.keys, self.values = self._keys.view(), self._values.view()
+
+
+def joined(context: torch.Tensor | KVBuffer, block: torch.Tensor):
+    """A `with` context giving context entries followed by `block` along dim -2: appended in place
+    for a KVBuffer (no copy of the context), concatenated for a plain tensor."""
+    if isinstance(context, KVBuffer):
+        return context.appended(block)
+    return nullcontext(torch.cat([context, block], dim=-2))

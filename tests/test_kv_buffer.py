@@ -1,0 +1,47 @@
+"""KV buffers against the torch.cat reference, and no reallocation while decoding."""
+
+import torch
+
+from caddtree.decode.engine import Engine
+from caddtree.decode.policy import make_policy
+from caddtree.models import kv_buffer
+from caddtree.models.drafter_io import random_drafter
+from caddtree.models.kv_buffer import KVBuffer
+from tiny import tiny_target
+
+
+def test_append_keep_and_appended_match_concatenation(monkeypatch):
+    monkeypatch.setattr(kv_buffer, "INITIAL_CAPACITY", 4)  # force several growths
+    generator = torch.Generator().manual_seed(0)
+    buffer, reference = KVBuffer(), torch.zeros(2, 0, 3)
+    for step in range(12):
+        entries = torch.randn(2, 1 + step % 4, 3, generator=generator)
+        reference = torch.cat([reference, entries], dim=-2)
+        assert torch.equal(buffer.append(entries), reference)
+        if step % 3 == 2:  # compaction: keep a prefix, then some later entries in order
+            start = reference.shape[-2] - 3
+            positions = torch.tensor([start, start + 2])
+            reference = torch.cat([reference[:, :start], reference[:, positions]], dim=-2)
+            buffer.keep(start, positions)
+            assert torch.equal(buffer.view(), reference)
+    block = torch.randn(2, 5, 3, generator=generator)
+    with buffer.appended(block) as joined:
+        assert torch.equal(joined, torch.cat([reference, block], dim=-2))
+    assert torch.equal(buffer.view(), reference)
+
+
+def test_decoding_writes_into_the_same_buffers_every_round():
+    target = tiny_target("llama", vocab_size=32, layers=3)
+    engine = Engine(target, random_drafter(target, 1, 6, seed=1))
+    engine.eos_ids = set()  # run the full length
+    prompt = torch.tensor([1, 5, 7, 9])
+
+    def buffer_addresses():
+        target_buffers = [b.data.data_ptr() for layer in engine.verifier.cache.layers for b in (layer._keys, layer._values)]
+        drafter_buffers = [b.data.data_ptr() for pair in engine.drafts._context for b in pair]
+        return target_buffers + drafter_buffers
+
+    engine.generate(prompt, make_policy("ddtree", 8), 40)
+    before = buffer_addresses()
+    result = engine.generate(prompt, make_policy("ddtree", 8), 40)
+    assert len(result.rounds) > 5 and buffer_addresses() == before
