@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from caddtree.cache import cache_root
 from caddtree.models.architectures import is_random_spec, random_model
+from caddtree.models import tree_attention
 from caddtree.models.kv_buffer import BufferedCacheLayer
 from caddtree.errors import CaddtreeError
 
@@ -191,6 +192,7 @@ class TargetRunner:
         layers = target.model.get_decoder().layers
         self._hooks = [layers[j].register_forward_hook(self._capture(j)) for j in self.feature_layers]
         self._cache_kwarg = _cache_argument_name(target.model)
+        self._tree_only_mask = tree_attention.install(target.model)
         self.cache = DynamicCache()
         self.cache.layers = [BufferedCacheLayer() for _ in range(target.num_layers)]
 
@@ -255,7 +257,10 @@ class TargetRunner:
         """
         context_len = self._tree_start = self.context_len
         positions = context_len + tree_depths
-        mask = tree_attention_mask(ancestor_mask, context_len, self.target.dtype)
+        if self._tree_only_mask:  # the tree's own columns; the context is attended unmasked
+            mask = ancestor_mask[None, None]
+        else:
+            mask = tree_attention_mask(ancestor_mask, context_len, self.target.dtype)
         return self._forward(tree_token_ids, positions, mask)
 
     @torch.inference_mode()
