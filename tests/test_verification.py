@@ -68,4 +68,6 @@ def test_accepted_path_follows_target_choices():
                 break
             position = int(children[0]) + 1
             expected.append(position)
-        assert accepted_path(tree, choices).tolist() == expected
+        accepted = accepted_path(tree, choices, max_length=6)
+        assert accepted.positions[: int(accepted.length)].tolist() == expected
+        assert int(accepted.next_token) == int(choices[expected[-1]])

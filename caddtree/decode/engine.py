@@ -57,14 +57,15 @@ class Engine:
         policy.reset()
         start = time.perf_counter()
         root = self._prefill(prompt_ids, sampling, generator, policy.uses_drafter)
+        first_token = root.item()  # waits for the prefill to finish
         result.prefill_seconds = time.perf_counter() - start
-        if self._emit(result, [root.item()], max_new_tokens, on_tokens)[1]:
+        if self._emit(result, [first_token], max_new_tokens, on_tokens)[1]:
             return result
         while True:
             start = time.perf_counter()
             context_len = self.verifier.context_len
+            # The round ends in a host read of its results, which waits for the device: no extra sync.
             emitted, budget, root = self._round(root, policy, sampling, generator, max_new_tokens - result.new_tokens)
-            synchronize(device)
             kept, finished = self._emit(result, emitted, max_new_tokens, on_tokens)
             result.rounds.append(RoundRecord(budget, kept, context_len, time.perf_counter() - start))
             if finished:
@@ -89,14 +90,16 @@ class Engine:
         tree_tokens, tree_depths = tree.with_root(root)
         logits, features = self.verifier.verify(tree_tokens, tree_depths, tree.ancestor_mask)
         choices = sampling.choose(logits, generator)
-        path = accepted_path(tree, choices)
+        accepted = accepted_path(tree, choices, depth + 1)
+        # The round's one read of results by the host: the path length and the tokens it emits.
+        length, _, *tokens = torch.cat([accepted.length[None], tree_tokens[accepted.positions],
+                                        accepted.next_token[None]]).tolist()
+        path = accepted.positions[:length]
         self.verifier.keep(path)
-        policy.observe(len(path) - 1)
+        policy.observe(length - 1)
         if policy.uses_drafter:
-            self.drafts.extend(features[path], context_len + torch.arange(len(path), device=path.device))
-        next_root = choices[path[-1]]
-        emitted = torch.cat([tree_tokens[path[1:]], next_root[None]]).tolist()
-        return emitted, tree.size, next_root
+            self.drafts.extend(features[path], context_len + torch.arange(length, device=path.device))
+        return tokens[: length - 1] + tokens[-1:], tree.size, accepted.next_token
 
     def _emit(self, result, tokens, max_new_tokens, on_tokens) -> tuple[int, bool]:
         """Append tokens up to EOS or the length limit; how many were kept, and whether that ends it."""

@@ -86,13 +86,14 @@ class CostAware(Policy):
 
     def build(self, log_probs, context_len):
         ranked = rank_nodes(log_probs, self.max_nodes)
-        round_costs = self.cost_model.round_costs(ranked.size, context_len, convex=self.rule == "greedy")
-        gains = ranked.log_weights.double().exp().to(round_costs.device)
+        gains = ranked.log_weights.double().exp()
+        round_costs = self.cost_model.round_costs(ranked.size, context_len, self.rule == "greedy", gains.device)
         scale = self.calibration.ratio if self.calibrate else 1.0
         choose = greedy_budget if self.rule == "greedy" else exact_budget
         budget = choose(gains * scale, round_costs)
-        self._promised = float(gains[:budget].sum())
-        return tree_from_ranked(ranked, budget)
+        promised = torch.cat([gains.new_zeros(1), gains.cumsum(0)])[budget]  # Φ of the chosen tree
+        budget, self._promised = torch.stack([budget.to(promised.dtype), promised]).tolist()  # one host read
+        return tree_from_ranked(ranked, int(budget))
 
     def observe(self, accepted_nodes: int) -> None:
         self.calibration.observe(self._promised, accepted_nodes)

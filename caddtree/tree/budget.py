@@ -16,8 +16,8 @@ def throughput(gains: torch.Tensor, round_costs: torch.Tensor) -> torch.Tensor:
     return (1 + phi) / round_costs
 
 
-def greedy_budget(gains: torch.Tensor, round_costs: torch.Tensor) -> int:
-    """The paper's rule: add nodes best-first until Theta first decreases.
+def greedy_budget(gains: torch.Tensor, round_costs: torch.Tensor) -> torch.Tensor:
+    """The paper's rule: add nodes best-first until Theta first decreases (0-d, on the device).
 
     Exact when the verify cost is convex in n (Theta is then unimodal).
     """
@@ -25,9 +25,9 @@ def greedy_budget(gains: torch.Tensor, round_costs: torch.Tensor) -> int:
     drops = tokens_per_second[1:] < tokens_per_second[:-1]  # (N,) adding node n+1 lowers Theta
     # A final True stops at N when Theta never drops.
     stops = torch.cat([drops, drops.new_ones(1)])  # (N+1,)
-    return int(stops.to(torch.uint8).argmax())  # argmax returns the first maximum
+    return stops.to(torch.uint8).argmax()  # argmax returns the first maximum
 
 
-def exact_budget(gains: torch.Tensor, round_costs: torch.Tensor) -> int:
-    """argmax over n = 0..N of Theta (the first on ties); right for any cost curve."""
-    return int(throughput(gains, round_costs).argmax())
+def exact_budget(gains: torch.Tensor, round_costs: torch.Tensor) -> torch.Tensor:
+    """argmax over n = 0..N of Theta (the first on ties; 0-d, on the device); right for any cost curve."""
+    return throughput(gains, round_costs).argmax()

@@ -23,6 +23,7 @@ class RankedNodes:
     parents: torch.Tensor  # (N,) long, index into this list, -1 = child of the root; parents[k] < k
     depths: torch.Tensor  # (N,) long, >= 1
     log_weights: torch.Tensor  # (N,) float, non-increasing
+    num_depths: int  # D: no node is deeper
 
     @property
     def size(self) -> int:
@@ -44,7 +45,7 @@ def rank_nodes(log_probs: torch.Tensor, max_nodes: int) -> RankedNodes:
     weight_dtype = torch.promote_types(log_probs.dtype, torch.float32)
     if max_nodes == 0 or num_depths == 0:
         no_nodes = torch.zeros(0, dtype=torch.long, device=log_probs.device)
-        return RankedNodes(no_nodes, no_nodes, no_nodes, log_probs.new_zeros(0, dtype=weight_dtype))
+        return RankedNodes(no_nodes, no_nodes, no_nodes, log_probs.new_zeros(0, dtype=weight_dtype), num_depths)
     # A top-N path uses only top-N tokens at every depth.
     token_log_probs, token_ids = torch.topk(log_probs, min(max_nodes, vocab_size), dim=1)  # (D, k)
     depth_rankings = _rank_each_depth(token_log_probs.to(weight_dtype), token_ids, max_nodes)
@@ -124,7 +125,7 @@ def _merge_depths(rankings: list[_DepthRanking], max_nodes: int) -> RankedNodes:
         parents_in_concat >= 0, rank_of_concat[parents_in_concat.clamp(min=0)], -1
     )
     return RankedNodes(
-        concat_tokens[order], parents, concat_depths[order], concat_log_weights[order]
+        concat_tokens[order], parents, concat_depths[order], concat_log_weights[order], len(rankings)
     )
 
 
@@ -140,7 +141,7 @@ def tree_from_ranked(ranked: RankedNodes, n: int) -> DraftTree:
     parents = torch.where(ranked_parents >= 0, tree_position[ranked_parents.clamp(min=0)], 0)
     depths = ranked.depths[ranked_index]
     return DraftTree(
-        ranked.tokens[ranked_index], parents, depths, ancestor_mask_from_parents(parents, depths)
+        ranked.tokens[ranked_index], parents, depths, ancestor_mask_from_parents(parents, ranked.num_depths)
     )
 
 

@@ -33,10 +33,11 @@ class DraftTree:
         return DraftTree(no_nodes, no_nodes, no_nodes, root_sees_itself)
 
 
-def ancestor_mask_from_parents(parents: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+def ancestor_mask_from_parents(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
     """(n+1, n+1) bool over [root, nodes...]: [i, j] = j is i itself or an ancestor of i.
 
-    Walks every node up one level per step, all nodes at once, so the loop runs max-depth times.
+    Walks every node up one level per step, all nodes at once, `max_depth` (>= the deepest node's
+    depth) times: a bound the caller knows, so the host never waits to read the actual depth.
     """
     num_positions = parents.shape[0] + 1
     # The root is its own parent, so walks that reach it stay there.
@@ -44,9 +45,8 @@ def ancestor_mask_from_parents(parents: torch.Tensor, depths: torch.Tensor) -> t
     positions = torch.arange(num_positions, device=parents.device)  # (n+1,)
     mask = torch.zeros(num_positions, num_positions, dtype=torch.bool, device=parents.device)
     mask[positions, positions] = True
-    max_depth = int(depths.max()) if depths.numel() else 0
     ancestors = positions  # (n+1,) the ancestor of each position reached so far
-    for _ in range(max_depth):
+    for _ in range(max_depth if num_positions > 1 else 0):
         ancestors = parent_of_position[ancestors]
         mask[positions, ancestors] = True
     return mask
