@@ -257,7 +257,9 @@ class TargetRunner:
         """
         context_len = self._tree_start = self.context_len
         positions = context_len + tree_depths
-        if self._tree_only_mask:  # the tree's own columns; the context is attended unmasked
+        if len(tree_token_ids) == 1:  # the root alone sees everything: a plain decoding step
+            mask = None
+        elif self._tree_only_mask:  # the tree's own columns; the context is attended unmasked
             mask = ancestor_mask[None, None]
         else:
             mask = tree_attention_mask(ancestor_mask, context_len, self.target.dtype)
