@@ -75,10 +75,10 @@ def _fallback_mask_token(target: Target) -> int:
 class Pair:
     """A loaded target and drafter, with the cost model made for them (on first need)."""
 
-    def __init__(self, target: Target, drafter_name: str, drafter=None):
+    def __init__(self, target: Target, drafter_name: str, drafter=None, cuda_graphs: bool = True):
         self.target = target
         self.drafter_name = drafter_name
-        self.engine = Engine(target, drafter)
+        self.engine = Engine(target, drafter, static_shapes=None if cuda_graphs else False)
         self._auto_cost_model: CostModel | None = None
 
     @property
@@ -134,8 +134,10 @@ def _text_streamer(tokenizer, on_text: Callable[[str], None]) -> Callable[[list[
 
 
 def load(target: str | None = None, drafter: str | None = None, device: str = "cpu",
-         dtype: str = "float32") -> Pair:
-    """Load a target (hub id, directory, .gguf; default SmolLM2-135M-Instruct) and its drafter."""
+         dtype: str = "float32", cuda_graphs: bool = True) -> Pair:
+    """Load a target (hub id, directory, .gguf; default SmolLM2-135M-Instruct) and its drafter.
+
+    On a GPU, verification replays CUDA graphs unless `cuda_graphs` is False (eager forwards)."""
     device = parse_device(device)
     loaded_target = load_target(target, device, parse_dtype(dtype))
     drafter = drafter or default_drafter_spec(target)
@@ -144,4 +146,4 @@ def load(target: str | None = None, drafter: str | None = None, device: str = "c
         module = random_drafter(loaded_target, num_layers=layers, mask_token_id=_fallback_mask_token(loaded_target))
     else:
         module = load_drafter(drafter, loaded_target)
-    return Pair(loaded_target, drafter, module)
+    return Pair(loaded_target, drafter, module, cuda_graphs)

@@ -85,6 +85,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "default target); random or random:N for an untrained N-layer drafter")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="on a GPU, run eager forwards instead of replaying CUDA graphs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,7 +184,7 @@ def _load(args):
 
     parse_device(args.device), parse_dtype(args.dtype)  # fail before announcing the load
     _say(f"loading target {target_label(args.target)} ...")
-    pair = load(args.target, args.drafter, args.device, args.dtype)
+    pair = load(args.target, args.drafter, args.device, args.dtype, args.cuda_graphs)
     _say(f"drafter: {pair.drafter_description}")
     return pair
 
@@ -274,7 +276,7 @@ def run_bench(args) -> None:
         out=args.out, datasets=args.datasets, n=args.n, budgets=args.budgets, methods=args.methods,
         temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
         prompts_file=args.prompts, target=args.target, drafter=args.drafter, device=args.device,
-        dtype=args.dtype, cost_model=args.cost_model, hf_generate=args.hf_generate,
+        dtype=args.dtype, cost_model=args.cost_model, hf_generate=args.hf_generate, cuda_graphs=args.cuda_graphs,
     )
     outcome = bench(options, _say)
     if outcome is None:  # a torchrun rank other than 0: rank 0 reports

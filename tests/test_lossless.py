@@ -93,3 +93,18 @@ def test_max_new_tokens_reached_mid_round():
         expected = greedy_reference(target, prompt, max_new_tokens, set())
         result = engine.generate(prompt, make_policy("ddtree", 256), max_new_tokens)
         assert result.tokens == expected and len(result.tokens) == max_new_tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fixed_shape_verification_is_lossless(arch):
+    """The CUDA-graph path's shapes (static cache, padded buckets), run eagerly on the CPU."""
+    from caddtree.models.static_runner import StaticTargetRunner
+
+    target = tiny_target(arch, vocab_size=32, layers=3, seed=5)
+    engine = Engine(target, random_drafter(target, 1, 6, seed=2), static_shapes=True)
+    assert isinstance(engine.verifier, StaticTargetRunner) and not engine.verifier.cuda_graphs
+    engine.eos_ids = set()
+    for prompt in random_prompts(3, 24, seed=7):
+        expected = greedy_reference(target, prompt, 40, set())
+        for policy in (make_policy("ar"), make_policy("dflash"), make_policy("ddtree", 5), make_policy("ddtree", 40)):
+            assert engine.generate(prompt, policy, 40).tokens == expected, policy.name

@@ -26,3 +26,4 @@ class BenchOptions:
     dtype: str = "float32"
     cost_model: str = "auto"
     hf_generate: bool = True
+    cuda_graphs: bool = True

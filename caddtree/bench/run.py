@@ -35,7 +35,7 @@ def run_bench(options: BenchOptions, say=lambda message: print(message, file=sys
         device = distributed.process_device(process, device)
         if process.is_main:
             say(f"{len(prompts)} prompts over {process.world_size} process(es); loading target {target_label(options.target)} ...")
-        pair = load(options.target, options.drafter, device, options.dtype)
+        pair = load(options.target, options.drafter, device, options.dtype, options.cuda_graphs)
         cost_model = None
         if "caddtree" in options.methods:
             cost_model = distributed.from_main(process, lambda: pair.cost_model(options.cost_model, process.is_main))

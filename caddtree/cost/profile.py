@@ -36,7 +36,7 @@ def cost_meta(engine: Engine, drafter_name: str) -> dict:
     return {
         "target": engine.target.name,
         "drafter": drafter_name,
-        "device": device_label(engine.target.device),
+        "device": device_label(engine.target.device) + ("/cuda-graphs" if getattr(engine.verifier, "cuda_graphs", False) else ""),
         "dtype": str(engine.target.dtype).removeprefix("torch."),
     }
 
@@ -79,6 +79,7 @@ def profile(engine: Engine, drafter_name: str, sizes=FULL_SIZES, contexts=FULL_C
     generator = torch.Generator().manual_seed(seed)
     trees = {n: _random_tree(draft_len, vocab, n, generator, device) for n in sizes}
     root = torch.tensor(1, device=device)
+    engine.verifier.reserve(max(contexts) + max(sizes) + 1)
     verify_seconds, draft_seconds = [], []
     steps = tqdm(total=len(contexts) * (len(sizes) + 1), desc="profiling", disable=not show_progress, unit="shape")
     for context_len in contexts:

@@ -13,8 +13,12 @@ from caddtree.decode.sampling import Sampling
 from caddtree.decode.stats import GenerationResult, RoundRecord
 from caddtree.errors import CaddtreeError
 from caddtree.models.drafter import DFlashDrafter
+from caddtree.models.static_runner import BUCKETS, StaticTargetRunner
 from caddtree.models.target import Target, TargetRunner
 from caddtree.tree.draft_tree import DraftTree
+
+
+LARGEST_BUCKET = BUCKETS[-1]  # room kept for the largest tree a round verifies
 
 
 def eos_token_ids(target: Target) -> set[int]:
@@ -34,10 +38,16 @@ def synchronize(device: torch.device) -> None:
 class Engine:
     """A target (and optionally a drafter) ready to decode with any policy."""
 
-    def __init__(self, target: Target, drafter: DFlashDrafter | None = None):
+    def __init__(self, target: Target, drafter: DFlashDrafter | None = None, static_shapes: bool | None = None):
+        """`static_shapes` (default: on CUDA) verifies with fixed shapes, replayed as CUDA graphs on a GPU."""
         self.target = target
         self.drafts = DraftRunner(drafter, target) if drafter is not None else None
-        self.verifier = TargetRunner(target, self.drafts.feature_layers if self.drafts else [])
+        feature_layers = self.drafts.feature_layers if self.drafts else []
+        on_gpu = target.device.type == "cuda"
+        if on_gpu if static_shapes is None else static_shapes:
+            self.verifier = StaticTargetRunner(target, feature_layers, cuda_graphs=on_gpu)
+        else:
+            self.verifier = TargetRunner(target, feature_layers)
         self.eos_ids = eos_token_ids(target)
 
     def generate(self, prompt_ids: torch.Tensor, policy, max_new_tokens: int = 256,
@@ -51,6 +61,7 @@ class Engine:
         device = self.target.device
         prompt_ids = prompt_ids.to(device)
         max_new_tokens = min(max_new_tokens, self.target.max_positions - len(prompt_ids))
+        self.verifier.reserve(len(prompt_ids) + max_new_tokens + LARGEST_BUCKET)
         generator = torch.Generator(device=device).manual_seed(seed)
         result = GenerationResult(method=policy.name, prompt_tokens=len(prompt_ids), tokens=[])
 

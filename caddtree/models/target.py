@@ -210,6 +210,9 @@ class TargetRunner:
     def context_len(self) -> int:
         return self.cache.get_seq_length()
 
+    def reserve(self, positions: int) -> None:
+        """Make room for `positions` cached positions; these buffers grow on their own."""
+
     def reset(self) -> None:
         for layer in self.cache.layers:
             layer.clear()  # buffers stay allocated: the next sequence writes into them
