@@ -45,3 +45,22 @@ def test_decoding_writes_into_the_same_buffers_every_round():
     before = buffer_addresses()
     result = engine.generate(prompt, make_policy("ddtree", 8), 40)
     assert len(result.rounds) > 5 and buffer_addresses() == before
+
+
+def test_the_fixed_shape_draft_equals_the_plain_one():
+    from caddtree.decode.drafting import DraftRunner
+
+    target = tiny_target("qwen3", vocab_size=32, layers=3)
+    drafter = random_drafter(target, 2, 6, seed=3)
+    features = torch.randn(11, len(drafter.config.target_layer_ids) * target.hidden_size)
+    plain, fixed = DraftRunner(drafter, target), DraftRunner(drafter, target, static_shapes=True)
+    fixed.reserve(40)
+    for runner in (plain, fixed):
+        runner.extend(features[:7], torch.arange(7))
+    for depth, context in ((5, 7), (3, 11)):  # then four more context tokens
+        if context == 11:
+            for runner in (plain, fixed):
+                runner.extend(features[7:], torch.arange(7, 11))
+        root = torch.tensor(4)
+        torch.testing.assert_close(fixed.draft(root, context, depth), plain.draft(root, context, depth),
+                                   atol=1e-5, rtol=1e-5)

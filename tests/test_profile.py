@@ -2,7 +2,7 @@
 
 import json
 
-
+import pytest
 from caddtree.cost.model import CostModel, cache_path
 from caddtree.cost.profile import auto_cost_model, cost_meta, profile
 from caddtree.decode.engine import Engine
@@ -10,13 +10,14 @@ from caddtree.models.drafter_io import random_drafter
 from tiny import tiny_target
 
 
-def tiny_engine() -> Engine:
+def tiny_engine(static_shapes: bool = False) -> Engine:
     target = tiny_target("llama", vocab_size=32, seed=1)
-    return Engine(target, random_drafter(target, num_layers=1, block_size=4))
+    return Engine(target, random_drafter(target, num_layers=1, block_size=4), static_shapes)
 
 
-def test_profile_measures_every_size_and_leaves_the_cache_empty():
-    engine = tiny_engine()
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_profile_measures_every_size_and_leaves_the_cache_empty(static_shapes):
+    engine = tiny_engine(static_shapes)
     model = profile(engine, "random", sizes=(0, 1, 3, 9), contexts=(4, 12), repeats=1, show_progress=False)
     assert model.measurements["sizes"] == [0, 1, 3, 9] and model.contexts == [4, 12]
     assert all(seconds > 0 for row in model.measurements["verify_seconds"] for seconds in row)

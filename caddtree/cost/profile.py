@@ -80,6 +80,7 @@ def profile(engine: Engine, drafter_name: str, sizes=FULL_SIZES, contexts=FULL_C
     trees = {n: _random_tree(draft_len, vocab, n, generator, device) for n in sizes}
     root = torch.tensor(1, device=device)
     engine.verifier.reserve(max(contexts) + max(sizes) + 1)
+    engine.drafts.reserve(max(contexts))
     verify_seconds, draft_seconds = [], []
     steps = tqdm(total=len(contexts) * (len(sizes) + 1), desc="profiling", disable=not show_progress, unit="shape")
     for context_len in contexts:

@@ -6,12 +6,15 @@ import torch
 
 from caddtree.models.drafter import DFlashDrafter
 from caddtree.models.drafter_io import resolve_mask_token
-from caddtree.models.kv_buffer import KVBuffer
+from caddtree.models.kv_buffer import FixedSlots, KVBuffer
 from caddtree.models.target import Target
 
 
 class DraftRunner:
-    def __init__(self, drafter: DFlashDrafter, target: Target):
+    """With `static_shapes`, the block pass attends over the context buffers' whole capacity with
+    a mask, so that its shapes never change; with `cuda_graphs` it is then one replayed graph."""
+
+    def __init__(self, drafter: DFlashDrafter, target: Target, static_shapes: bool = False, cuda_graphs: bool = False):
         self.drafter = drafter
         self.embed = target.model.get_input_embeddings()
         self.lm_head = target.model.get_output_embeddings()
@@ -19,6 +22,9 @@ class DraftRunner:
         self.block_size = drafter.config.block_size
         layers = drafter.config.num_hidden_layers
         self._context = [(KVBuffer(), KVBuffer()) for _ in range(layers)]  # keys, values per layer
+        self.static_shapes = static_shapes
+        self.cuda_graphs = static_shapes and cuda_graphs
+        self._static = None  # static inputs, outputs and graph, for the current buffers
 
     @property
     def feature_layers(self) -> list[int]:
@@ -28,6 +34,16 @@ class DraftRunner:
         for keys, values in self._context:
             keys.clear()
             values.clear()
+
+    def reserve(self, positions: int) -> None:
+        """Room for `positions` context positions plus a block, allocated before any graph reads it."""
+        config, weight = self.drafter.config, self.drafter.fc.weight
+        like = weight.new_empty(config.num_key_value_heads, 0, config.head_dim)
+        for buffer in (b for pair in self._context for b in pair):
+            data = buffer.data
+            buffer.reserve(like, positions + self.block_size)
+            if buffer.data is not data:
+                self._static = None  # new storage: capture again
 
     @torch.inference_mode()
     def extend(self, target_features: torch.Tensor, positions: torch.Tensor) -> None:
@@ -40,9 +56,59 @@ class DraftRunner:
     @torch.inference_mode()
     def draft(self, root: torch.Tensor, root_position: int, depth: int) -> torch.Tensor:
         """Log-marginals (depth, V) of the `depth` tokens after `root` (a 0-d token id tensor)."""
+        if self.static_shapes:
+            return self._draft_static(root, root_position)[:depth]
         block = torch.full((self.block_size,), self.mask_token, dtype=torch.long, device=root.device)
         block[0] = root
         positions = root_position + torch.arange(self.block_size, device=root.device)
         hidden = self.drafter.block_hidden(self.embed(block), positions, self._context)
-        logits = self.lm_head(hidden[1 : 1 + depth])
-        return torch.log_softmax(logits.float(), dim=-1)
+        return self._log_marginals(hidden[1 : 1 + depth])
+
+    def _log_marginals(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.lm_head(hidden).float(), dim=-1)
+
+    def _draft_static(self, root: torch.Tensor, root_position: int) -> torch.Tensor:
+        """All D = b-1 positions, with fixed shapes; the context ends at root_position."""
+        if self._static is None:
+            self._static = self._static_inputs(root.device)
+        inputs = self._static
+        inputs["tokens"][0] = root
+        torch.add(inputs["offsets"], root_position, out=inputs["positions"])
+        torch.lt(inputs["key_index"], root_position + self.block_size, out=inputs["mask"][0])
+        inputs["mask"][1:] = inputs["mask"][0]  # the context and the whole block, for every row
+        if not self.cuda_graphs:
+            return self._static_pass(inputs)
+        if "graph" not in inputs:
+            inputs["graph"], inputs["output"] = self._capture(inputs)
+        inputs["graph"].replay()
+        return inputs["output"]
+
+    def _static_pass(self, inputs: dict) -> torch.Tensor:
+        slots = [(FixedSlots(keys.data, inputs["positions"]), FixedSlots(values.data, inputs["positions"]))
+                 for keys, values in self._context]
+        hidden = self.drafter.block_hidden(self.embed(inputs["tokens"]), inputs["positions"], slots, inputs["mask"])
+        return self._log_marginals(hidden[1:])
+
+    def _capture(self, inputs: dict):
+        """Warm up on a side stream (as CUDA graph capture requires), then capture one pass."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._static_pass(inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self._static_pass(inputs)
+        return graph, output
+
+    def _static_inputs(self, device) -> dict:
+        capacity = self._context[0][0].data.shape[-2]
+        tokens = torch.full((self.block_size,), self.mask_token, dtype=torch.long, device=device)
+        return {
+            "tokens": tokens,
+            "positions": torch.zeros(self.block_size, dtype=torch.long, device=device),
+            "offsets": torch.arange(self.block_size, device=device),
+            "key_index": torch.arange(capacity, device=device),
+            "mask": torch.zeros(self.block_size, capacity, dtype=torch.bool, device=device),
+        }

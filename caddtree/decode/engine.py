@@ -41,10 +41,11 @@ class Engine:
     def __init__(self, target: Target, drafter: DFlashDrafter | None = None, static_shapes: bool | None = None):
         """`static_shapes` (default: on CUDA) verifies with fixed shapes, replayed as CUDA graphs on a GPU."""
         self.target = target
-        self.drafts = DraftRunner(drafter, target) if drafter is not None else None
-        feature_layers = self.drafts.feature_layers if self.drafts else []
         on_gpu = target.device.type == "cuda"
-        if on_gpu if static_shapes is None else static_shapes:
+        static_shapes = on_gpu if static_shapes is None else static_shapes
+        self.drafts = DraftRunner(drafter, target, static_shapes, on_gpu) if drafter is not None else None
+        feature_layers = self.drafts.feature_layers if self.drafts else []
+        if static_shapes:
             self.verifier = StaticTargetRunner(target, feature_layers, cuda_graphs=on_gpu)
         else:
             self.verifier = TargetRunner(target, feature_layers)
@@ -62,6 +63,8 @@ class Engine:
         prompt_ids = prompt_ids.to(device)
         max_new_tokens = min(max_new_tokens, self.target.max_positions - len(prompt_ids))
         self.verifier.reserve(len(prompt_ids) + max_new_tokens + LARGEST_BUCKET)
+        if self.drafts is not None:
+            self.drafts.reserve(len(prompt_ids) + max_new_tokens)
         generator = torch.Generator(device=device).manual_seed(seed)
         result = GenerationResult(method=policy.name, prompt_tokens=len(prompt_ids), tokens=[])
 

@@ -5,6 +5,7 @@ each time (what `torch.cat` does) would cost O(context) per round."""
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -28,7 +29,7 @@ class KVBuffer:
     def append(self, entries: torch.Tensor) -> torch.Tensor:
         """Write `entries` after the current ones; returns a view of all of them."""
         end = self.length + entries.shape[-2]
-        self._reserve(entries, end)
+        self.reserve(entries, end)
         self.data[..., self.length : end, :].copy_(entries)
         self.length = end
         return self.view()
@@ -48,7 +49,8 @@ class KVBuffer:
         self.data[..., start : start + len(positions), :].copy_(kept)
         self.length = start + len(positions)
 
-    def _reserve(self, like: torch.Tensor, size: int) -> None:
+    def reserve(self, like: torch.Tensor, size: int) -> None:
+        """Room for `size` entries shaped like `like` (..., any, head_dim), keeping those held."""
         if self.data is not None and size <= self.data.shape[-2]:
             return
         grown = like.new_empty(*like.shape[:-2], max(INITIAL_CAPACITY, 2 * size), like.shape[-1])
@@ -99,9 +101,21 @@ class BufferedCacheLayer(DynamicLayer):
             self.keys, self.values = self._keys.view(), self._values.view()
 
 
-def joined(context: torch.Tensor | KVBuffer, block: torch.Tensor):
-    """A `with` context giving context entries followed by `block` along dim -2: appended in place
-    for a KVBuffer (no copy of the context), concatenated for a plain tensor."""
+class FixedSlots(NamedTuple):
+    """A KVBuffer's whole storage and the slots a pass writes its block into: fixed shapes and
+    addresses, for CUDA graphs (a mask then hides the unused slots)."""
+
+    data: torch.Tensor  # (..., capacity, head_dim)
+    write_positions: torch.Tensor  # (b,)
+
+
+def joined(context: torch.Tensor | KVBuffer | FixedSlots, block: torch.Tensor):
+    """A `with` context giving context entries and `block` along dim -2: appended in place for a
+    KVBuffer (no copy of the context), written into its slots for FixedSlots (the whole storage
+    is returned), concatenated for a plain tensor."""
     if isinstance(context, KVBuffer):
         return context.appended(block)
+    if isinstance(context, FixedSlots):
+        context.data.index_copy_(-2, context.write_positions, block)
+        return nullcontext(context.data)
     return nullcontext(torch.cat([context, block], dim=-2))
