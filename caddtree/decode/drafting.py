@@ -7,6 +7,7 @@ import torch
 from caddtree.models.drafter import DFlashDrafter
 from caddtree.models.drafter_io import resolve_mask_token
 from caddtree.models.kv_buffer import FixedSlots, KVBuffer
+from caddtree.models.static_runner import capture_graph
 from caddtree.models.target import Target
 
 
@@ -79,7 +80,7 @@ class DraftRunner:
         if not self.cuda_graphs:
             return self._static_pass(inputs)
         if "graph" not in inputs:
-            inputs["graph"], inputs["output"] = self._capture(inputs)
+            inputs["graph"], inputs["output"] = capture_graph(lambda: self._static_pass(inputs))
         inputs["graph"].replay()
         return inputs["output"]
 
@@ -88,19 +89,6 @@ class DraftRunner:
                  for keys, values in self._context]
         hidden = self.drafter.block_hidden(self.embed(inputs["tokens"]), inputs["positions"], slots, inputs["mask"])
         return self._log_marginals(hidden[1:])
-
-    def _capture(self, inputs: dict):
-        """Warm up on a side stream (as CUDA graph capture requires), then capture one pass."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._static_pass(inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = self._static_pass(inputs)
-        return graph, output
 
     def _static_inputs(self, device) -> dict:
         capacity = self._context[0][0].data.shape[-2]

@@ -80,15 +80,6 @@ class BufferedCacheLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._keys.length
 
-    @contextmanager
-    def appended(self, entries: torch.Tensor):
-        """All entries plus `entries` for the duration of a `with` block, then without them again."""
-        length = self.length
-        try:
-            yield self.append(entries)
-        finally:
-            self.length = length
-
     def keep(self, start: int, positions: torch.Tensor) -> None:
         self._keys.keep(start, positions)
         self._values.keep(start, positions)

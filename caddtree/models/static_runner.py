@@ -21,6 +21,21 @@ CAPACITY_STEP = 1024
 PAD_TOKEN = 0
 
 
+def capture_graph(run, pool=None):
+    """Warm `run` up on a side stream (as capture requires), then capture one call as a CUDA
+    graph. Returns the graph and `run`'s outputs, which each replay rewrites in place."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = run()
+    return graph, outputs
+
+
 class StaticCacheLayer(DynamicLayer):
     """A layer's view of the shared buffer: `update` writes at the runner's write positions and
     returns the whole capacity (the mask hides what is not context)."""
@@ -127,7 +142,8 @@ class StaticTargetRunner(TargetRunner):
         if not self.cuda_graphs or bucket not in BUCKETS:
             return self._forward_bucket(inputs)
         if bucket not in self._graphs:
-            self._graphs[bucket] = self._capture_graph(inputs)
+            graph, (logits, features) = capture_graph(lambda: self._forward_bucket(inputs), self._pool)
+            self._graphs[bucket] = graph, logits, features
         graph, logits, features = self._graphs[bucket]
         graph.replay()
         return logits, features
@@ -136,18 +152,6 @@ class StaticTargetRunner(TargetRunner):
         self.cache.layers = inputs["layers"]
         return self._forward(inputs["tokens"], inputs["positions"], inputs["mask"])
 
-    def _capture_graph(self, inputs: dict):
-        """Warm up on a side stream (as CUDA graph capture requires), then capture one forward."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward_bucket(inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits, features = self._forward_bucket(inputs)
-        return graph, logits, features
 
     def _bucket_inputs(self, bucket: int) -> dict:
         """The bucket's static input tensors (allocated once; graphs read them by address)."""

@@ -104,7 +104,7 @@ def batch_loss(drafter: DFlashDrafter, target: Target, examples: list[Example], 
 
 def mean_acceptance(target: Target, drafter: DFlashDrafter, prompts: list[str], new_tokens: int) -> float:
     """τ of the DFlash chain on held-out prompts (the drafter's own quality, no tree)."""
-    engine = Engine(target, drafter)
+    engine = Engine(target, drafter, static_shapes=False)  # tau needs no speed; nothing to capture
     try:
         taus = [engine.generate(encode_prompt(target, p), make_policy("dflash"), new_tokens).tau for p in prompts]
     finally:
