@@ -234,11 +234,14 @@ def _speedup(result, baseline) -> float:
 
 
 def _stats_line(result) -> str:
-    return (
+    line = (
         f"[{result.method}] {result.new_tokens} tokens | {result.tokens_per_s:.1f} tokens/s | "
         f"{result.ms_per_token:.1f} ms/token | tau {result.tau:.2f} | {len(result.rounds)} rounds | "
         f"mean budget {result.mean_budget:.1f}"
     )
+    if result.method == "caddtree":
+        line += f" | drafted in {100 * result.drafted_share:.0f}% of rounds"
+    return line
 
 
 def run_profile(args) -> None:

@@ -6,6 +6,7 @@ import torch
 from caddtree.decode.engine import Engine
 from caddtree.decode.policy import make_policy
 from caddtree.models.drafter_io import random_drafter
+from caddtree.cost.model import CostModel
 from caddtree.tree.calibration import AcceptanceCalibration
 from test_lossless import flat_cost_model
 from tiny import tiny_target
@@ -37,3 +38,45 @@ def test_an_overconfident_drafter_gets_smaller_trees_when_calibrated():
     }
     assert results[True].tokens == results[False].tokens  # the budget changes, never the output
     assert results[True].mean_budget < 0.5 * results[False].mean_budget
+
+
+def test_skipping_waits_longer_while_drafting_does_not_pay_and_starts_over_when_it_does():
+    from caddtree.decode.policy import DraftSkipping
+
+    skipping = DraftSkipping(max_skip=4)
+    pattern = []
+    for paid in [False, False, False, False, True, False]:
+        assert skipping.should_draft()
+        skipping.record(drafting_paid=paid)
+        skipped = 0
+        while not skipping.should_draft():
+            skipped += 1
+        pattern.append(skipped)
+        skipping.left = 0
+    assert pattern == [1, 2, 4, 4, 0, 1]
+
+
+def test_caddtree_stops_drafting_when_no_tree_pays_for_the_draft():
+    """An untrained drafter and a draft pass as dear as a decoding step: the drafter is mostly
+    skipped, and the output is still exactly greedy."""
+    target = tiny_target("llama", vocab_size=32, seed=3)
+    engine = Engine(target, random_drafter(target, num_layers=1, block_size=6, seed=5))
+    engine.eos_ids = set()
+    sizes = [0, 1, 2, 4, 8]
+    model = CostModel.fit({"target": "t", "drafter": "d", "device": "cpu", "dtype": "float32"}, [8], sizes,
+                          [[0.010 + 0.001 * n for n in sizes]], [0.010])
+    prompt = torch.tensor([3, 7, 11, 2])
+    result = engine.generate(prompt, make_policy("caddtree", None, "exact", model), 60)
+    assert result.tokens == engine.generate(prompt, make_policy("ar"), 60).tokens
+    assert result.drafted_share < 0.4 and any(r.drafted for r in result.rounds)
+
+
+def test_caddtree_keeps_drafting_when_the_draft_is_free():
+    target = tiny_target("llama", vocab_size=32, seed=3)
+    engine = Engine(target, random_drafter(target, num_layers=1, block_size=6, seed=5))
+    engine.eos_ids = set()
+    sizes = [0, 1, 2, 4, 8]
+    model = CostModel.fit({"target": "t", "drafter": "d", "device": "cpu", "dtype": "float32"}, [8], sizes,
+                          [[0.010] * len(sizes)], [0.0])  # trees cost nothing extra: drafting always pays
+    result = engine.generate(torch.tensor([3, 7, 11, 2]), make_policy("caddtree", None, "exact", model), 30)
+    assert all(r.drafted for r in result.rounds)

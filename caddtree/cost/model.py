@@ -70,6 +70,12 @@ class CostModel:
         lower, upper, weight = self._context_blend(context_len)
         return torch.lerp(table[lower], table[upper], weight)
 
+    def plain_step_seconds(self, context_len: int, convex: bool) -> float:
+        """Cv(0): verifying the root alone, i.e. a decoding step without the drafter."""
+        lower, upper, weight = self._context_blend(context_len)
+        curves = self.verify_convex if convex else self.verify_monotone
+        return float(curves[lower](0.0) * (1 - weight) + curves[upper](0.0) * weight)
+
     def _cost_table(self, max_nodes: int, convex: bool, device: torch.device) -> torch.Tensor:
         key = (max_nodes, convex, device)
         if key not in self._cost_tables:

@@ -79,9 +79,9 @@ class Engine:
             start = time.perf_counter()
             context_len = self.verifier.context_len
             # The round ends in a host read of its results, which waits for the device: no extra sync.
-            emitted, budget, root = self._round(root, policy, sampling, generator, max_new_tokens - result.new_tokens)
+            emitted, budget, drafted, root = self._round(root, policy, sampling, generator, max_new_tokens - result.new_tokens)
             kept, finished = self._emit(result, emitted, max_new_tokens, on_tokens)
-            result.rounds.append(RoundRecord(budget, kept, context_len, time.perf_counter() - start))
+            result.rounds.append(RoundRecord(budget, kept, context_len, time.perf_counter() - start, drafted))
             if finished:
                 return result
 
@@ -93,10 +93,12 @@ class Engine:
         return sampling.choose(logits[None], generator)[0]
 
     def _round(self, root, policy, sampling, generator, remaining: int):
-        """One round; returns the emitted tokens (host list), the tree size and the next root."""
+        """One round; returns the emitted tokens (host list), the tree size, whether the drafter ran,
+        and the next root."""
         context_len = self.verifier.context_len
         depth = remaining - 1  # a round emits at most depth + 1 tokens
-        if policy.uses_drafter and depth > 0:
+        drafted = policy.uses_drafter and depth > 0 and policy.should_draft()
+        if drafted:
             depth = min(depth, self.drafts.block_size - 1)
             tree = policy.build(self.drafts.draft(root, context_len, depth), context_len)
         else:
@@ -113,7 +115,7 @@ class Engine:
         policy.observe(length - 1)
         if policy.uses_drafter:
             self.drafts.extend(features[path], context_len + torch.arange(length, device=path.device))
-        return tokens[: length - 1] + tokens[-1:], tree.size, accepted.next_token
+        return tokens[: length - 1] + tokens[-1:], tree.size, drafted, accepted.next_token
 
     def _emit(self, result, tokens, max_new_tokens, on_tokens) -> tuple[int, bool]:
         """Append tokens up to EOS or the length limit; how many were kept, and whether that ends it."""

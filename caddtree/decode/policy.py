@@ -29,6 +29,10 @@ class Policy:
     def observe(self, accepted_nodes: int) -> None:
         """Called after each round with how many draft nodes the target accepted."""
 
+    def should_draft(self) -> bool:
+        """Asked before each round of a drafting policy: is the drafter worth running?"""
+        return True
+
 
 class Autoregressive(Policy):
     """Plain decoding: no drafter, one target token per round."""
@@ -64,6 +68,33 @@ class FixedBudget(Policy):
 
 
 @dataclass
+class DraftSkipping:
+    """Rounds without the drafter while it does not pay for itself (beyond the CaDDTree paper).
+
+    Even the best tree costs the draft pass; when the best tree's expected tokens per second is
+    below a plain decoding step's, the next rounds skip the drafter and decode one token each.
+    The drafter is tried again after 1, 2, 4, ... skipped rounds (at most `max_skip`), and the
+    wait starts over as soon as drafting pays.
+    """
+
+    max_skip: int = 32
+    wait: int = 1
+    left: int = 0
+
+    def should_draft(self) -> bool:
+        if self.left:
+            self.left -= 1
+            return False
+        return True
+
+    def record(self, drafting_paid: bool) -> None:
+        if drafting_paid:
+            self.wait = 1
+        else:
+            self.left, self.wait = self.wait, min(2 * self.wait, self.max_skip)
+
+
+@dataclass
 class CostAware(Policy):
     """CaDDTree: the budget that maximises expected tokens per second this round.
 
@@ -76,28 +107,39 @@ class CostAware(Policy):
     max_nodes: int = 1024
     calibrate: bool = True
     calibration: AcceptanceCalibration = field(default_factory=AcceptanceCalibration)
-    _promised: float = field(default=0.0, init=False, repr=False)  # surrogate's Φ of this round's tree
+    _promised: float | None = field(default=None, init=False, repr=False)  # Φ of this round's tree, if drafted
+    _skip: DraftSkipping = field(default_factory=DraftSkipping, init=False, repr=False)
     name = "caddtree"
     uses_drafter = True
 
     def reset(self) -> None:
         self.calibration.reset()
-        self._promised = 0.0
+        self._skip = DraftSkipping()
+        self._promised = None
+
+    def should_draft(self) -> bool:
+        return self._skip.should_draft()
 
     def build(self, log_probs, context_len):
         ranked = rank_nodes(log_probs, self.max_nodes)
         gains = ranked.log_weights.double().exp()
-        round_costs = self.cost_model.round_costs(ranked.size, context_len, self.rule == "greedy", gains.device)
+        convex = self.rule == "greedy"
+        round_costs = self.cost_model.round_costs(ranked.size, context_len, convex, gains.device)
         scale = self.calibration.ratio if self.calibrate else 1.0
-        choose = greedy_budget if self.rule == "greedy" else exact_budget
+        choose = greedy_budget if convex else exact_budget
         budget = choose(gains * scale, round_costs)
-        promised = torch.cat([gains.new_zeros(1), gains.cumsum(0)])[budget]  # Φ of the chosen tree
-        budget, self._promised = torch.stack([budget.to(promised.dtype), promised]).tolist()  # one host read
+        phi = torch.cat([gains.new_zeros(1), gains.cumsum(0)])
+        expected_rate = (1 + scale * phi[budget]) / round_costs[budget]  # tokens/s of the chosen tree
+        # One host read: the budget, its promised Φ and its expected tokens per second.
+        budget, self._promised, rate = torch.stack([budget.to(phi.dtype), phi[budget], expected_rate]).tolist()
+        plain_rate = 1 / self.cost_model.plain_step_seconds(context_len, convex)
+        self._skip.record(drafting_paid=rate >= plain_rate)
         return tree_from_ranked(ranked, int(budget))
 
     def observe(self, accepted_nodes: int) -> None:
-        self.calibration.observe(self._promised, accepted_nodes)
-        self._promised = 0.0
+        if self._promised is not None:  # rounds without a draft teach the calibration nothing
+            self.calibration.observe(self._promised, accepted_nodes)
+        self._promised = None
 
 
 def check_policy_arguments(method: str, budget: int | None = None, rule: str = "exact") -> None:

@@ -11,7 +11,8 @@ class RoundRecord:
     budget: int  # draft nodes verified this round (0 for ar)
     emitted: int  # tokens this round added to the output (accepted nodes + the target's own)
     context_len: int  # tokens in the target's cache when the round began
-    seconds: float  # wall time of the round, device synchronised
+    seconds: float  # wall time of the round, up to the host's read of its results
+    drafted: bool = False  # whether the drafter ran (caddtree skips it while it does not pay)
 
 
 @dataclass
@@ -54,6 +55,10 @@ class GenerationResult:
         return statistics.fmean(r.budget for r in self.rounds) if self.rounds else 0.0
 
     @property
+    def drafted_share(self) -> float:
+        return statistics.fmean(r.drafted for r in self.rounds) if self.rounds else 0.0
+
+    @property
     def budget_std(self) -> float:
         return statistics.pstdev(r.budget for r in self.rounds) if self.rounds else 0.0
 
@@ -69,6 +74,7 @@ class GenerationResult:
             "rounds": len(self.rounds),
             "mean_budget": self.mean_budget,
             "budget_std": self.budget_std,
+            "drafted_share": self.drafted_share,
             "prefill_seconds": self.prefill_seconds,
             "decode_seconds": self.decode_seconds,
         }
