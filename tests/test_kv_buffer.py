@@ -64,3 +64,18 @@ def test_the_fixed_shape_draft_equals_the_plain_one():
         root = torch.tensor(4)
         torch.testing.assert_close(fixed.draft(root, context, depth), plain.draft(root, context, depth),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_a_fixed_shape_cache_keeps_its_context_when_it_grows():
+    from caddtree.models.static_runner import CAPACITY_STEP, StaticTargetRunner
+
+    target = tiny_target("llama", vocab_size=32, layers=2)
+    runner = StaticTargetRunner(target, [0], cuda_graphs=False)
+    root, depth, sees_itself = torch.tensor([5]), torch.zeros(1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
+    runner.prefill(torch.tensor([1, 4, 9, 16, 25]))
+    before, _ = runner.verify(root, depth, sees_itself)
+    runner.keep(torch.zeros(0, dtype=torch.long))
+    runner.reserve(3 * CAPACITY_STEP)
+    assert runner.capacity == 3 * CAPACITY_STEP and runner.context_len == 5
+    after, _ = runner.verify(root, depth, sees_itself)
+    torch.testing.assert_close(after, before)

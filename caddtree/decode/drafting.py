@@ -70,6 +70,7 @@ class DraftRunner:
 
     def _draft_static(self, root: torch.Tensor, root_position: int) -> torch.Tensor:
         """All D = b-1 positions, with fixed shapes; the context ends at root_position."""
+        self.reserve(root_position)  # normally done for the whole generation already
         if self._static is None:
             self._static = self._static_inputs(root.device)
         inputs = self._static

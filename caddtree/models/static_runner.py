@@ -69,17 +69,20 @@ class StaticTargetRunner(TargetRunner):
         self.reserve(CAPACITY_STEP)
 
     def reserve(self, positions: int) -> None:
-        """Room for `positions` cached positions (prompt + answer + the largest tree); growing
-        reallocates the buffer and forgets the captured graphs, so callers ask once per generation."""
+        """Room for `positions` cached positions (prompt + answer + the largest tree). Growing
+        moves the cache to a new buffer and forgets the captured graphs, so callers ask once,
+        before the prefill."""
         if positions <= self.capacity:
             return
         config, target = self.target.model.config, self.target
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.capacity = -(-positions // CAPACITY_STEP) * CAPACITY_STEP
+        old_buffer, self.capacity = getattr(self, "buffer", None), -(-positions // CAPACITY_STEP) * CAPACITY_STEP
         # All layers' keys and values in one tensor: compaction is one gather and one copy.
         self.buffer = torch.zeros(target.num_layers, 2, 1, kv_heads, self.capacity, head_dim,
                                   dtype=target.dtype, device=target.device)
+        if old_buffer is not None:
+            self.buffer[..., : old_buffer.shape[-2], :].copy_(old_buffer)
         self._key_index = torch.arange(self.capacity, device=target.device)
         self._inputs = {}  # per bucket: static inputs, and the cache layers that read them
         self._graphs = {}  # per bucket: (graph, logits, features)
