@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="ddtree: tree size (default 64); caddtree: largest tree considered")
     generate.add_argument("--rule", default="exact", choices=["greedy", "exact"], help="caddtree's budget rule")
     generate.add_argument("--uncalibrated", action="store_true",
-                          help="caddtree: trust the drafter's probabilities as the paper does, without "
-                               "scaling them by the acceptance measured in earlier rounds")
+                          help="caddtree: the paper's rule as stated: trust the drafter's probabilities and "
+                               "always draft (no scaling by measured acceptance, no skipping)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--top-k", type=_non_negative_int, default=0)

@@ -99,7 +99,8 @@ class CostAware(Policy):
     """CaDDTree: the budget that maximises expected tokens per second this round.
 
     With `calibrate`, the surrogate's expected acceptance is scaled by the acceptance measured in
-    the previous rounds (see caddtree.tree.calibration); without it, the paper's rule as stated.
+    the previous rounds (see caddtree.tree.calibration) and the drafter is skipped while it does
+    not pay (DraftSkipping); without it, the paper's rule as stated.
     """
 
     cost_model: CostModel
@@ -118,7 +119,7 @@ class CostAware(Policy):
         self._promised = None
 
     def should_draft(self) -> bool:
-        return self._skip.should_draft()
+        return self._skip.should_draft() if self.calibrate else True  # uncalibrated: the paper's rule
 
     def build(self, log_probs, context_len):
         ranked = rank_nodes(log_probs, self.max_nodes)
