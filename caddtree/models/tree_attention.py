@@ -30,7 +30,10 @@ def install(model: torch.nn.Module) -> bool:
         return False  # eager or flash kernels chosen on purpose: leave them
     AttentionInterface.register(NAME, tree_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
-    model.set_attn_implementation(NAME)
+    try:
+        model.set_attn_implementation(NAME)
+    except (AttributeError, ValueError, KeyError):  # a transformers that refuses custom implementations
+        return False
     return True
 
 
