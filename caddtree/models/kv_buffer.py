@@ -53,7 +53,9 @@ class KVBuffer:
         """Room for `size` entries shaped like `like` (..., any, head_dim), keeping those held."""
         if self.data is not None and size <= self.data.shape[-2]:
             return
-        grown = like.new_empty(*like.shape[:-2], max(INITIAL_CAPACITY, 2 * size), like.shape[-1])
+        # Zeroed, not empty: fixed-shape passes attend over unused slots under a mask, and a
+        # masked NaN left in fresh memory would still poison the weighted sum of values.
+        grown = like.new_zeros(*like.shape[:-2], max(INITIAL_CAPACITY, 2 * size), like.shape[-1])
         if self.length:
             grown[..., : self.length, :].copy_(self.view())
         self.data = grown
