@@ -3,7 +3,7 @@
 On a GPU the eager forward of a small target is launch-bound: ~20-40 ms whatever the token
 count. Here every layer's keys and values live in one preallocated buffer of fixed capacity,
 the model writes at positions held in a device tensor, and a tree of n nodes is padded to the
-next bucket (1, 2, 4, ..., 1024 positions) with an attention mask over the whole capacity. Every
+next bucket (1, 2, 4, ..., 2048 positions) with an attention mask over the whole capacity. Every
 verification of a bucket then has the same shapes and addresses, and is captured once as a CUDA
 graph and replayed. Without CUDA (or with graphs off) the same path runs eagerly, which is how
 its exactness is tested.
@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicLayer
 
 from caddtree.models.target import Target, TargetRunner
 
-BUCKETS = tuple(2**k for k in range(11))  # tree positions (root included) per captured verification
+BUCKETS = tuple(2**k for k in range(12))  # tree positions (root included) per captured verification: 1..2048
 CAPACITY_STEP = 1024
 PAD_TOKEN = 0
 
