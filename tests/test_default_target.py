@@ -7,7 +7,8 @@ from caddtree.cost.model import CostModel
 from caddtree.decode.engine import Engine
 from caddtree.decode.policy import make_policy
 from caddtree.errors import CaddtreeError
-from caddtree.models.drafter_io import random_drafter
+from caddtree.api import DEFAULT_DRAFTER_DIR
+from caddtree.models.drafter_io import load_drafter, random_drafter
 from caddtree.models.target import encode_prompt, load_target
 
 PROMPTS = [
@@ -51,3 +52,11 @@ def test_default_prompt_encoding(target):
     assert "<|im_start|>" not in target.tokenizer.decode(raw)
     with pytest.raises(CaddtreeError, match="empty"):
         encode_prompt(target, "  ")
+
+
+@pytest.mark.skipif(not (DEFAULT_DRAFTER_DIR / "config.json").is_file(), reason="no trained default drafter shipped yet")
+def test_the_shipped_drafter_loads_and_drafts_well(target):
+    """Issue 3's bar for the shipped pair: more than two tokens per round on the DFlash chain."""
+    engine = Engine(target, load_drafter(str(DEFAULT_DRAFTER_DIR), target))
+    taus = [engine.generate(encode_prompt(target, prompt), make_policy("dflash"), NEW_TOKENS).tau for prompt in PROMPTS]
+    assert sum(taus) / len(taus) > 2, taus
