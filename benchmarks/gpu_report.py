@@ -118,15 +118,32 @@ def method_policies(pair, budgets: list[int]) -> dict:
     return policies
 
 
+def warmed_up_pair(args, dtype: str, prompt: str):
+    """The pair, every method run once (graph capture, caches); if capturing CUDA graphs fails,
+    the error is kept for the report and the pair is loaded again with eager forwards."""
+    graph_error = None
+    for cuda_graphs in (True, False):
+        pair = caddtree.load(args.target, args.drafter, args.device, dtype, cuda_graphs)
+        try:
+            started = time.perf_counter()
+            policies = method_policies(pair, args.budgets)
+            cost_model_seconds = time.perf_counter() - started
+            for policy in policies.values():
+                pair.engine.generate(encode_prompt(pair.target, prompt), policy(), 16)
+            return pair, policies, cost_model_seconds, graph_error
+        except RuntimeError as error:
+            if not cuda_graphs or args.device == "cpu":
+                raise
+            graph_error = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            print(f"CUDA graphs failed, measuring eager forwards instead: {graph_error}")
+    raise AssertionError("unreachable")
+
+
 def run_dtype(args, dtype: str, prompts: list[str]) -> dict:
-    pair = caddtree.load(args.target, args.drafter, args.device, dtype)
+    pair, policies, cost_model_seconds, graph_error = warmed_up_pair(args, dtype, prompts[0])
     engine = pair.engine
-    started = time.perf_counter()
-    policies = method_policies(pair, args.budgets)
-    report = {"dtype": dtype, "cost_model_seconds": time.perf_counter() - started, "methods": {}}
+    report = {"dtype": dtype, "cost_model_seconds": cost_model_seconds, "graph_error": graph_error, "methods": {}}
     encoded = [encode_prompt(pair.target, p) for p in prompts]
-    for policy in policies.values():  # warm-up: graph capture, caches
-        engine.generate(encoded[0], policy(), 16)
     outputs = {}
     for name, policy in policies.items():
         results = [engine.generate(ids, policy(), args.max_new_tokens) for ids in encoded]
@@ -178,7 +195,7 @@ def markdown(fp32: dict, bf16: dict | None) -> str:
         f"ms/token -> ar is {fp32['hf_generate_ms_per_token'] / ar['ms_per_token']:.1f}x faster than generate",
         f"caddtree-exact round time outside the drafter and target calls: {100 * fp32['caddtree_share_outside_model_calls']:.1f}%",
         f"host syncs per round: {fp32['syncs_per_round']}",
-        f"cost model (auto profile) took {fp32['cost_model_seconds']:.1f} s",
+        f"cost model (auto profile) took {fp32['cost_model_seconds']:.1f} s; CUDA graph error: {fp32['graph_error']}",
         "",
         "| method | dtype | tokens/s | x ar | tau | mean budget | output = ar |",
         "| --- | --- | --- | --- | --- | --- | --- |",
