@@ -109,7 +109,7 @@ class StaticTargetRunner(TargetRunner):
         keys = torch.arange(self.capacity, device=prompt_ids.device)
         mask = (keys[None, :] <= positions[:, None])[None, None]  # (1, 1, P, capacity)
         self.cache.layers = self._static_layers(positions)
-        logits, features = self._forward(prompt_ids, positions, mask)
+        logits, features = self._forward(prompt_ids, positions, mask, logits_to_keep=1)
         self._length = length
         return logits[-1], features
 
