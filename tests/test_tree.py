@@ -232,8 +232,8 @@ def test_greedy_is_exact_on_convex_costs(seed):
     round_costs = [a + b * n + c * n * n for n in range(num_nodes + 1)]
     best = first_argmax(python_throughput(gains, round_costs))
     gains_t, costs_t = as_tensors(gains, round_costs)
-    assert exact_budget(gains_t, costs_t) == best
-    assert greedy_budget(gains_t, costs_t) == best
+    assert exact_budget(throughput(gains_t, costs_t)) == best
+    assert greedy_budget(throughput(gains_t, costs_t)) == best
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -246,7 +246,7 @@ def test_exact_never_worse_than_greedy_on_non_convex_costs(seed):
     round_costs = list(itertools.accumulate(steps, initial=1.0))[1:]
     thetas = python_throughput(gains, round_costs)
     gains_t, costs_t = as_tensors(gains, round_costs)
-    exact, greedy = exact_budget(gains_t, costs_t), greedy_budget(gains_t, costs_t)
+    exact, greedy = exact_budget(throughput(gains_t, costs_t)), greedy_budget(throughput(gains_t, costs_t))
     assert exact == first_argmax(thetas)
     assert thetas[exact] >= thetas[greedy]
 
@@ -255,8 +255,8 @@ def test_exact_beats_greedy_on_step_costs():
     # One costly step from 0 to 1 node, then flat: Theta dips at n = 1 and rises to its best at N.
     gains = torch.full((8,), 0.5, dtype=torch.float64)
     round_costs = torch.tensor([1.0] + [2.0] * 8, dtype=torch.float64)
-    assert greedy_budget(gains, round_costs) == 0
-    assert exact_budget(gains, round_costs) == 8
+    assert greedy_budget(throughput(gains, round_costs)) == 0
+    assert exact_budget(throughput(gains, round_costs)) == 8
     thetas = throughput(gains, round_costs)
     assert thetas[8] > thetas[0]
 
@@ -264,11 +264,11 @@ def test_exact_beats_greedy_on_step_costs():
 def test_greedy_takes_every_node_when_theta_never_drops():
     gains = torch.tensor([0.9, 0.8, 0.7], dtype=torch.float64)
     round_costs = torch.ones(4, dtype=torch.float64)
-    assert greedy_budget(gains, round_costs) == 3
+    assert greedy_budget(throughput(gains, round_costs)) == 3
 
 
 def test_greedy_continues_through_a_plateau():
     # Theta = 1, 1, 4/3: equal is not a decrease, so greedy goes on to the rise.
     gains = torch.tensor([0.5, 0.5], dtype=torch.float64)
     round_costs = torch.tensor([1.0, 1.5, 1.5], dtype=torch.float64)
-    assert greedy_budget(gains, round_costs) == 2
+    assert greedy_budget(throughput(gains, round_costs)) == 2

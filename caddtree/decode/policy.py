@@ -11,7 +11,7 @@ import torch
 
 from caddtree.cost.model import CostModel
 from caddtree.errors import CaddtreeError
-from caddtree.tree.budget import exact_budget, greedy_budget
+from caddtree.tree.budget import exact_budget, greedy_budget, throughput
 from caddtree.tree.build import chain_tree, rank_nodes, tree_from_ranked
 from caddtree.tree.calibration import AcceptanceCalibration
 from caddtree.tree.draft_tree import DraftTree
@@ -128,11 +128,11 @@ class CostAware(Policy):
         round_costs = self.cost_model.round_costs(ranked.size, context_len, convex, gains.device)
         scale = self.calibration.ratio if self.calibrate else 1.0
         choose = greedy_budget if convex else exact_budget
-        budget = choose(gains * scale, round_costs)
-        phi = torch.cat([gains.new_zeros(1), gains.cumsum(0)])
-        expected_rate = (1 + scale * phi[budget]) / round_costs[budget]  # tokens/s of the chosen tree
+        tokens_per_second = throughput(gains * scale, round_costs)
+        budget = choose(tokens_per_second)
+        phi = torch.cat([gains.new_zeros(1), gains.cumsum(0)])  # unscaled: what the surrogate promised
         # One host read: the budget, its promised Φ and its expected tokens per second.
-        budget, self._promised, rate = torch.stack([budget.to(phi.dtype), phi[budget], expected_rate]).tolist()
+        budget, self._promised, rate = torch.stack([budget.to(phi.dtype), phi[budget], tokens_per_second[budget]]).tolist()
         plain_rate = 1 / self.cost_model.plain_step_seconds(context_len, convex)
         self._skip.record(drafting_paid=rate >= plain_rate)
         return tree_from_ranked(ranked, int(budget))

@@ -16,18 +16,16 @@ def throughput(gains: torch.Tensor, round_costs: torch.Tensor) -> torch.Tensor:
     return (1 + phi) / round_costs
 
 
-def greedy_budget(gains: torch.Tensor, round_costs: torch.Tensor) -> torch.Tensor:
-    """The paper's rule: add nodes best-first until Theta first decreases (0-d, on the device).
-
-    Exact when the verify cost is convex in n (Theta is then unimodal).
+def greedy_budget(tokens_per_second: torch.Tensor) -> torch.Tensor:
+    """The paper's rule on Theta (N+1,): add nodes best-first until Theta first decreases (0-d,
+    on the device). Exact when the verify cost is convex in n (Theta is then unimodal).
     """
-    tokens_per_second = throughput(gains, round_costs)  # (N+1,)
     drops = tokens_per_second[1:] < tokens_per_second[:-1]  # (N,) adding node n+1 lowers Theta
     # A final True stops at N when Theta never drops.
     stops = torch.cat([drops, drops.new_ones(1)])  # (N+1,)
     return stops.to(torch.uint8).argmax()  # argmax returns the first maximum
 
 
-def exact_budget(gains: torch.Tensor, round_costs: torch.Tensor) -> torch.Tensor:
+def exact_budget(tokens_per_second: torch.Tensor) -> torch.Tensor:
     """argmax over n = 0..N of Theta (the first on ties; 0-d, on the device); right for any cost curve."""
-    return throughput(gains, round_costs).argmax()
+    return tokens_per_second.argmax()
