@@ -183,7 +183,7 @@ def float32_extras(args, pair, encoded, policies) -> dict:
     extras["caddtree_share_outside_model_calls"] = 1 - calls / sum(r.decode_seconds for r in results)
     extras["syncs_per_round"] = {name: syncs_per_round(engine, encoded[0], policies[name](), args.max_new_tokens)
                                  for name in ("ar", "ddtree@" + str(args.budgets[0]), "caddtree-exact")}
-    extras["cuda_graphs"] = bool(getattr(engine.verifier, "cuda_graphs", False))
+    extras["cuda_graphs"] = engine.verifier.cuda_graphs
     return extras
 
 

@@ -36,7 +36,7 @@ def cost_meta(engine: Engine, drafter_name: str) -> dict:
     return {
         "target": engine.target.name,
         "drafter": drafter_name,
-        "device": device_label(engine.target.device) + ("/cuda-graphs" if getattr(engine.verifier, "cuda_graphs", False) else ""),
+        "device": device_label(engine.target.device) + ("/cuda-graphs" if engine.verifier.cuda_graphs else ""),
         "dtype": str(engine.target.dtype).removeprefix("torch."),
     }
 

@@ -185,6 +185,8 @@ class TargetRunner:
     at that token, in that order (what the DFlash drafter reads as context).
     """
 
+    cuda_graphs = False  # verification replays no graphs (see StaticTargetRunner)
+
     def __init__(self, target: Target, feature_layers: list[int]):
         self.target = target
         self.feature_layers = list(feature_layers)
@@ -227,9 +229,14 @@ class TargetRunner:
             logits_to_keep=logits_to_keep,
             **{self._cache_kwarg: self.cache},
         )
-        features = [self._captured[j][0] for j in self.feature_layers]
-        features = torch.cat(features, dim=-1) if features else None
-        return output.logits[0], features
+        features = self._captured_features()
+        return output.logits[0], None if features is None else features[0]
+
+    def _captured_features(self) -> torch.Tensor | None:
+        """(B, T, F): the hooked layers' outputs of the last forward, side by side."""
+        if not self.feature_layers:
+            return None
+        return torch.cat([self._captured[j] for j in self.feature_layers], dim=-1)
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: torch.Tensor):
@@ -248,7 +255,7 @@ class TargetRunner:
         batch = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True).to(self.target.device)
         self._captured.clear()
         self.target.model(input_ids=batch, use_cache=False, logits_to_keep=1)
-        features = torch.cat([self._captured[j] for j in self.feature_layers], dim=-1)
+        features = self._captured_features()
         return [features[i, : len(sequence)] for i, sequence in enumerate(sequences)]
 
     @torch.inference_mode()
