@@ -76,8 +76,8 @@ class DraftRunner:
         inputs = self._static
         inputs["tokens"][0] = root
         torch.add(inputs["offsets"], root_position, out=inputs["positions"])
+        # One row for all block rows: the context and the whole block.
         torch.lt(inputs["key_index"], root_position + self.block_size, out=inputs["mask"][0])
-        inputs["mask"][1:] = inputs["mask"][0]  # the context and the whole block, for every row
         if not self.cuda_graphs:
             return self._static_pass(inputs)
         if "graph" not in inputs:
@@ -99,5 +99,5 @@ class DraftRunner:
             "positions": torch.zeros(self.block_size, dtype=torch.long, device=device),
             "offsets": torch.arange(self.block_size, device=device),
             "key_index": torch.arange(capacity, device=device),
-            "mask": torch.zeros(self.block_size, capacity, dtype=torch.bool, device=device),
+            "mask": torch.zeros(1, capacity, dtype=torch.bool, device=device),
         }
