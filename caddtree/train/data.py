@@ -94,11 +94,12 @@ def generate_examples(target: Target, prompts: list[str], cache_file: Path, max_
     first, so that a batch holds similar lengths and little padding.
     """
     examples = read_examples(cache_file)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text("".join(_record(e) for e in examples))  # drops a line cut short by an interruption
     done = {tuple(e.prompt_ids) for e in examples}
     encoded = sorted((encode_prompt(target, prompt).tolist() for prompt in prompts), key=len)
     todo = [ids for ids in encoded if tuple(ids) not in done]
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    if todo:  # rewrite before appending: drops a line cut short by an interruption
+        cache_file.write_text("".join(_record(e) for e in examples))
     with cache_file.open("a") as sink, tqdm(total=len(encoded), initial=len(encoded) - len(todo),
                                             desc="generating data", unit="prompt") as bar:
         for start in range(0, len(todo), batch_size):
