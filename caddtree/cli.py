@@ -125,20 +125,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train-drafter", help="train a DFlash drafter for a target on its own answers")
     train.add_argument("--out", required=True, help="checkpoint directory (also holds the cached data, history, loss plot)")
+    train.add_argument("--data", nargs="+", metavar="FILE",
+                       help="train on these records (JSONL, gzip or plain: {\"prompt_ids\": [...], \"response_ids\": [...]} "
+                            "per line) instead of generating answers; they are shuffled with --seed")
     train.add_argument("--prompts", default="sharegpt", help="sharegpt (default) or a JSONL file with a \"prompt\" per line")
     train.add_argument("--num-prompts", type=_positive_int, default=1000, help="training prompts (default 1000)")
-    train.add_argument("--eval-prompts", type=_non_negative_int, default=4, help="held-out prompts for tau (default 4)")
+    train.add_argument("--eval-prompts", type=_non_negative_int, default=4,
+                       help="held-out prompts for decoding tau: the first of --prompts (default 4)")
+    train.add_argument("--eval-tokens", type=_positive_int, default=48, help="new tokens per held-out prompt (default 48)")
+    train.add_argument("--heldout-records", type=_non_negative_int, default=0,
+                       help="records kept out of training for held-out loss, accuracy and block tau (default 0)")
     train.add_argument("--max-new-tokens", type=_positive_int, default=256, help="answer length cap when generating data")
     train.add_argument("--generation-batch", type=_positive_int, default=16)
-    train.add_argument("--layers", type=_positive_int, default=1, help="drafter layers (default 1)")
-    train.add_argument("--block-size", type=_positive_int, default=16)
+    train.add_argument("--init-from", metavar="DIR", help="continue training this checkpoint (it fixes the architecture)")
+    train.add_argument("--layers", type=_positive_int, help="drafter layers (default 1)")
+    train.add_argument("--feature-layers", type=_int_list(0),
+                       help="target layers the drafter reads, e.g. 1,14,27 (default: DFlash's spread for --layers)")
+    train.add_argument("--draft-vocab", type=_positive_int, metavar="K",
+                       help="score only the K most frequent answer tokens of the data (default: the whole vocabulary)")
+    train.add_argument("--block-size", type=_positive_int)
     train.add_argument("--steps", type=_positive_int, default=1000)
     train.add_argument("--max-minutes", type=_positive_float,
                        help="stop training after this many minutes; the schedule decays over whichever ends first")
-    train.add_argument("--learning-rate", type=float, default=6e-4)
+    train.add_argument("--learning-rate", type=_positive_float, default=6e-4)
+    train.add_argument("--warmup-steps", type=_non_negative_int, default=50)
     train.add_argument("--anchors", type=_positive_int, default=16, help="anchored blocks per sequence")
+    train.add_argument("--gamma", type=_positive_float, default=7.0,
+                       help="loss weight of block offset k is exp(-(k-1)/gamma) (default 7)")
     train.add_argument("--sequences-per-step", type=_positive_int, default=4)
     train.add_argument("--eval-every", type=_positive_int, default=200)
+    train.add_argument("--feature-dtype", choices=["float32", "bfloat16"],
+                       help="precision of the target forward that computes features (default: the target's)")
+    train.add_argument("--autocast", action="store_true", help="bfloat16 autocast for the drafter's passes")
+    train.add_argument("--distill", type=_non_negative_int, default=0, metavar="K",
+                       help="learn the target's top-K next-token distribution instead of its chosen token (default 0: off)")
     train.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
                        help="dtype of the final checkpoint (bfloat16 halves its size)")
     train.add_argument("--mask-token-id", type=_non_negative_int, help="default: the first unused embedding row")
@@ -292,32 +312,70 @@ def run_train_drafter(args) -> None:
     from pathlib import Path
 
     from caddtree.api import parse_device
-    from caddtree.decode.engine import eos_token_ids
     from caddtree.models.target import load_target, target_label
-    from caddtree.train.data import file_prompts, generate_examples, sharegpt_prompts
     from caddtree.train.loop import TrainConfig, train
 
-    if args.block_size < 2:
-        raise CaddtreeError(f"--block-size must be at least 2, got {args.block_size}")
+    _check_architecture_arguments(args)
     device = parse_device(args.device)
-    wanted = args.num_prompts + args.eval_prompts
-    prompts = sharegpt_prompts(wanted, args.seed) if args.prompts == "sharegpt" else file_prompts(args.prompts, wanted)
-    if len(prompts) <= args.eval_prompts:
+    if args.data:  # fail on a bad file before the slow load
+        for path in args.data:
+            if not os.path.isfile(path):
+                raise CaddtreeError(f"data file not found: {path}")
+    wanted = args.eval_prompts + (0 if args.data else args.num_prompts)
+    prompts = _training_prompts(args.prompts, wanted, args.seed) if wanted else []
+    if not args.data and len(prompts) <= args.eval_prompts:
         raise CaddtreeError(f"only {len(prompts)} prompts found; need more than the {args.eval_prompts} held out")
     eval_prompts, train_prompts = prompts[: args.eval_prompts], prompts[args.eval_prompts :]
     _say(f"loading target {target_label(args.target)} ...")
-    target = load_target(args.target, device)  # float32 weights; bf16 autocast on CUDA
+    target = load_target(args.target, device)  # float32 weights; bf16 autocast on request
     out = Path(args.out)
-    examples = generate_examples(target, train_prompts, out / "data.jsonl", args.max_new_tokens,
-                                 args.generation_batch, eos_token_ids(target))
+    examples = _training_examples(args, target, train_prompts, out)
+    if args.heldout_records >= len(examples):
+        raise CaddtreeError(f"--heldout-records {args.heldout_records} leaves nothing of the {len(examples)} records to train on")
     config = TrainConfig(
-        num_layers=args.layers, block_size=args.block_size, steps=args.steps, max_minutes=args.max_minutes,
-        learning_rate=args.learning_rate, save_dtype=args.save_dtype,
-        sequences_per_step=args.sequences_per_step, anchors_per_sequence=args.anchors,
-        eval_every=args.eval_every, mask_token_id=args.mask_token_id, seed=args.seed,
+        num_layers=args.layers or 1, feature_layers=args.feature_layers, draft_vocab_size=args.draft_vocab,
+        block_size=args.block_size or 16, steps=args.steps, max_minutes=args.max_minutes,
+        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, save_dtype=args.save_dtype,
+        sequences_per_step=args.sequences_per_step, anchors_per_sequence=args.anchors, gamma=args.gamma,
+        eval_every=args.eval_every, eval_tokens=args.eval_tokens, heldout_records=args.heldout_records,
+        mask_token_id=args.mask_token_id, feature_dtype=args.feature_dtype, autocast=args.autocast,
+        distill_top_k=args.distill, init_from=args.init_from, seed=args.seed,
     )
     train(target, examples, out, config, eval_prompts)
     print(f"saved drafter to {out} (loss plot: {out / 'loss.png'}, history: {out / 'history.json'})")
+
+
+def _check_architecture_arguments(args) -> None:
+    """A checkpoint to continue from fixes the architecture: options that would change it are mistakes."""
+    if args.block_size is not None and args.block_size < 2:
+        raise CaddtreeError(f"--block-size must be at least 2, got {args.block_size}")
+    if args.init_from:
+        given = [f"--{name.replace('_', '-')}" for name in ("layers", "feature_layers", "draft_vocab", "block_size")
+                 if getattr(args, name) is not None]
+        if given:
+            raise CaddtreeError(f"{', '.join(given)} cannot change the architecture of --init-from {args.init_from}")
+
+
+def _training_prompts(source: str, count: int, seed: int) -> list[str]:
+    from caddtree.train.data import file_prompts, sharegpt_prompts
+
+    return sharegpt_prompts(count, seed) if source == "sharegpt" else file_prompts(source, count)
+
+
+def _training_examples(args, target, prompts: list[str], out):
+    """Records from --data (shuffled with --seed), or the target's answers to `prompts`."""
+    import random
+
+    from caddtree.decode.engine import eos_token_ids
+    from caddtree.train.data import generate_examples, read_data_files
+
+    if not args.data:
+        return generate_examples(target, prompts, out / "data.jsonl", args.max_new_tokens,
+                                 args.generation_batch, eos_token_ids(target))
+    examples = read_data_files(args.data, target.model.get_input_embeddings().weight.shape[0])
+    random.Random(args.seed).shuffle(examples)
+    _say(f"read {len(examples)} records, {sum(len(e.response_ids) for e in examples)} answer tokens")
+    return examples
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -374,3 +374,45 @@ def test_random_architecture_mistakes(capsys, tmp_path, spec, words):
 @pytest.mark.parametrize("spec", ["random:0", "random:x"])
 def test_random_drafter_layer_count_must_be_positive(capsys, models, spec):
     assert_user_error(capsys, generate_args(models, drafter=spec), "random:N")
+
+
+# --- train-drafter on records from files ----------------------------------------------------------
+
+
+def test_train_drafter_rejects_a_malformed_data_file(capsys, models, tmp_path):
+    data = tmp_path / "records.jsonl"
+    data.write_text('{"prompt_ids": [3, 4], "response_ids": [5, 6]}\n{"prompt_ids": [3], "response_ids": [99]}\n')
+    assert_user_error(capsys, ["train-drafter", "--out", tmp_path / "out", "--data", data, "--eval-prompts", "0",
+                               "--target", models["target"], "--device", "cpu"],
+                      f"{data} line 2", "response_ids must be a non-empty list of token ids in [0, 32)")
+
+
+def test_train_drafter_names_a_missing_data_file(capsys, tmp_path):
+    assert_user_error(capsys, ["train-drafter", "--out", tmp_path, "--data", tmp_path / "nowhere.jsonl.gz"],
+                      "data file not found", "nowhere.jsonl.gz", only_line=True)
+
+
+def test_train_drafter_refuses_to_reshape_a_checkpoint(capsys, models, tmp_path):
+    assert_user_error(capsys, ["train-drafter", "--out", tmp_path, "--init-from", models["drafter"], "--layers", "2",
+                               "--draft-vocab", "16"],
+                      "--layers, --draft-vocab cannot change the architecture of --init-from", only_line=True)
+
+
+def test_train_drafter_on_records_writes_a_drafter_with_a_draft_vocabulary(capsys, models, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    lines = [json.dumps({"prompt_ids": torch.randint(2, 28, (4,), generator=generator).tolist(),
+                         "response_ids": torch.randint(2, 20, (12,), generator=generator).tolist()}) for _ in range(12)]
+    data = tmp_path / "records.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, [
+        "train-drafter", "--out", out, "--data", data, "--eval-prompts", "0", "--heldout-records", "2",
+        "--draft-vocab", "8", "--block-size", "4", "--steps", "6", "--eval-every", "3", "--anchors", "4",
+        "--feature-layers", "0,3", "--target", models["target"], "--device", "cpu", "--mask-token-id", "30",
+    ])
+    assert code == 0, err
+    assert "read 12 records, 144 answer tokens" in err and f"saved drafter to {out}" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["dflash_config"] == {"target_layer_ids": [0, 3], "mask_token_id": 30, "draft_vocab_size": 8}
+    history = json.loads((out / "history.json").read_text())
+    assert history["evaluations"] == [3, 6] and history["training_records"] == 10

@@ -368,3 +368,63 @@ def test_config_that_does_not_match_its_weights(saved, target):
     edit_config(saved, lambda raw: raw.update(intermediate_size=128))
     message = load_error(saved, target)
     assert "mlp" in message and "its config implies" in message and "128" in message
+
+
+# --- draft vocabulary ----------------------------------------------------------------------------
+
+DRAFT_VOCAB = torch.tensor([1, 2, 3, 5, 8, 13, 21, 27])
+
+
+@pytest.fixture
+def saved_with_vocab(tmp_path, target):
+    directory = tmp_path / "with-vocab"
+    save_drafter(random_drafter(target, num_layers=1, block_size=6, seed=5, draft_vocab=DRAFT_VOCAB), directory,
+                 torch.bfloat16)
+    return directory
+
+
+def test_draft_vocab_round_trip(saved_with_vocab, target):
+    raw = json.loads((saved_with_vocab / "config.json").read_text())
+    assert raw["dflash_config"]["draft_vocab_size"] == len(DRAFT_VOCAB)
+    stored = load_file(str(saved_with_vocab / WEIGHTS_FILE))["draft_vocab"]
+    assert stored.dtype == torch.long and torch.equal(stored, DRAFT_VOCAB)  # not cast with the weights
+    loaded = load_drafter(str(saved_with_vocab), target)
+    assert torch.equal(loaded.draft_vocab, DRAFT_VOCAB) and loaded.config.draft_vocab_size == len(DRAFT_VOCAB)
+    marginals = draft_outputs(loaded, target)
+    assert marginals.shape == (5, len(DRAFT_VOCAB))
+    torch.testing.assert_close(marginals.exp().sum(-1), torch.ones(5))
+
+
+def test_a_checkpoint_without_draft_vocab_has_none(saved, target):
+    assert "draft_vocab_size" not in json.loads((saved / "config.json").read_text())["dflash_config"]
+    assert "draft_vocab" not in load_file(str(saved / WEIGHTS_FILE))
+    assert load_drafter(str(saved), target).draft_vocab is None
+
+
+def test_draft_marginals_are_the_full_marginals_restricted_to_the_vocab(target):
+    full = random_drafter(target, num_layers=1, block_size=6, seed=5)
+    restricted = random_drafter(target, num_layers=1, block_size=6, seed=5, draft_vocab=DRAFT_VOCAB)
+    expected = torch.log_softmax(draft_outputs(full, target)[:, DRAFT_VOCAB], dim=-1)
+    torch.testing.assert_close(draft_outputs(restricted, target), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vocab, words", [
+    (torch.tensor([1, 3, 3, 5, 8, 13, 21, 27]), "distinct token ids in increasing order"),
+    (torch.tensor([1, 2, 3, 5, 8, 13, 21, 40]), "in [0, 32)"),
+    (torch.tensor([1, 2, 3, 5, 8, 13, 21, 27.0]), "dtype torch.float32"),
+    (torch.tensor([1, 2, 3]), "draft_vocab"),
+])
+def test_a_bad_draft_vocab_is_an_error(saved_with_vocab, target, vocab, words):
+    edit_weights(saved_with_vocab, lambda weights: weights.update(draft_vocab=vocab))
+    assert words in load_error(saved_with_vocab, target)
+
+
+@pytest.mark.parametrize("size", [0, 2.5, "8"])
+def test_a_bad_draft_vocab_size_is_an_error(saved_with_vocab, target, size):
+    edit_config(saved_with_vocab, lambda raw: raw["dflash_config"].update(draft_vocab_size=size))
+    assert "draft_vocab_size must be a whole number >= 1" in load_error(saved_with_vocab, target)
+
+
+def test_draft_vocab_without_its_tensor_is_an_error(saved_with_vocab, target):
+    edit_weights(saved_with_vocab, lambda weights: weights.pop("draft_vocab"))
+    assert "missing ['draft_vocab']" in load_error(saved_with_vocab, target)

@@ -108,3 +108,20 @@ def test_fixed_shape_verification_is_lossless(arch):
         expected = greedy_reference(target, prompt, 40, set())
         for policy in (make_policy("ar"), make_policy("dflash"), make_policy("ddtree", 5), make_policy("ddtree", 40)):
             assert engine.generate(prompt, policy, 40).tokens == expected, policy.name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_a_draft_vocabulary_keeps_every_method_exact_and_drafts_only_its_tokens(arch):
+    target = tiny_target(arch, vocab_size=24, seed=5)
+    draft_vocab = torch.tensor([2, 3, 5, 7, 8, 11, 13, 16, 17, 19])
+    engine = Engine(target, random_drafter(target, num_layers=1, block_size=6, seed=3, draft_vocab=draft_vocab))
+    engine.eos_ids = set()
+    verified = []
+    verify = engine.verifier.verify
+    engine.verifier.verify = lambda tokens, *rest: verified.append(tokens[1:]) or verify(tokens, *rest)
+    for prompt in random_prompts(3, 24, seed=4):
+        expected = greedy_reference(target, prompt, 25, set())
+        for policy in policies():
+            assert engine.generate(prompt, policy, 25).tokens == expected, policy.name
+    drafted = torch.cat(verified)
+    assert len(drafted) > 100 and torch.isin(drafted, draft_vocab).all()

@@ -1,15 +1,20 @@
 """Drafter training: block layout against a brute-force reference, loss goes down, data resumes."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
+from caddtree.decode.drafting import DraftRunner
 from caddtree.decode.engine import eos_token_ids
-from caddtree.models.drafter_io import load_drafter
+from caddtree.models.drafter import DraftHead
+from caddtree.models.drafter_io import load_drafter, random_drafter
+from caddtree.models.target import TargetRunner
 from caddtree.train.data import Example, generate_examples, read_examples
+from caddtree.train.features import target_features
 from caddtree.train.loop import TrainConfig, learning_rate_factor, train
-from caddtree.train.objective import IGNORE, pack_blocks, sample_anchors
+from caddtree.train.objective import IGNORE, draft_vocab_loss, pack_blocks, predict_blocks, sample_anchors
 from tiny import tiny_target
 
 
@@ -104,16 +109,37 @@ def test_generated_data_is_the_targets_greedy_answer_and_resumes(tiny_data):
 def test_training_lowers_the_loss_and_saves_a_loadable_drafter(tiny_data, tmp_path):
     target, examples, _, prompts = tiny_data
     config = TrainConfig(num_layers=1, block_size=6, steps=80, learning_rate=3e-3, warmup_steps=5,
-                         sequences_per_step=4, anchors_per_sequence=8, eval_every=80, eval_tokens=12)
+                         sequences_per_step=4, anchors_per_sequence=8, eval_every=40, eval_tokens=12,
+                         heldout_records=4, draft_vocab_size=12, feature_layers=[1, 3])
     drafter = train(target, examples, tmp_path, config, prompts[:2])
     history = json.loads((tmp_path / "history.json").read_text())
     first, last = history["loss"][:10], history["loss"][-10:]
     assert sum(last) / len(last) < 0.8 * sum(first) / len(first)
-    assert (tmp_path / "loss.png").stat().st_size > 0 and history["eval_tau"]
+    assert history["evaluations"] == [40, 80] and history["training_records"] == len(examples) - 4
+    for name in ("eval_tau_dflash", "eval_tau_ddtree16", "eval_block_tau", "eval_loss"):
+        assert len(history[name]) == 2, name
+    assert history["eval_loss"][1] < history["eval_loss"][0]
+    assert 0 < history["draft_vocab_heldout_coverage"] <= 1 and len(history["eval_accuracy_by_offset"][0]) == 5
+    assert (tmp_path / "loss.png").stat().st_size > 0
     loaded = load_drafter(str(tmp_path), target)
+    assert loaded.config.target_layer_ids == [1, 3] and loaded.config.draft_vocab_size == 12
     for name, tensor in drafter.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor)
     assert all(not p.requires_grad for p in target.model.parameters())
+
+
+def test_training_continues_from_a_checkpoint(tiny_data, tmp_path):
+    target, examples, _, _ = tiny_data
+    config = TrainConfig(block_size=6, steps=60, learning_rate=3e-3, warmup_steps=5, anchors_per_sequence=8,
+                         eval_every=1000, heldout_records=4, draft_vocab_size=12)
+    train(target, examples, tmp_path / "first", config, [])
+    first = json.loads((tmp_path / "first" / "history.json").read_text())
+    again = dataclasses.replace(config, steps=1, init_from=str(tmp_path / "first"), draft_vocab_size=None)
+    train(target, examples, tmp_path / "second", again, [])
+    second = json.loads((tmp_path / "second" / "history.json").read_text())
+    # The continued run starts from the trained weights (and keeps their draft vocabulary).
+    assert second["eval_loss"][0] < 0.9 * first["loss"][0]
+    assert load_drafter(str(tmp_path / "second"), target).config.draft_vocab_size == 12
 
 
 def test_example_token_ids():
@@ -140,25 +166,83 @@ def test_batched_features_equal_one_sequence_at_a_time(tiny_data):
         runner.close()
 
 
-def test_a_batch_loss_is_the_weighted_mean_of_its_sequences(tiny_data):
-    from caddtree.models.drafter_io import random_drafter
-    from caddtree.train.loop import batch_loss, target_features
+def block_loss(drafter, target, examples, features, anchors, num_blocks, gamma=7.0):
+    head = DraftHead(drafter, target.model.get_output_embeddings())
+    predictions = predict_blocks(drafter, head, target.model.get_input_embeddings(), [e.token_ids for e in examples],
+                                 features, anchors, num_blocks, 30, gamma)
+    return draft_vocab_loss(predictions, head)
 
+
+@pytest.mark.parametrize("draft_vocab", [None, torch.arange(2, 30, 3)])
+def test_a_batch_loss_is_the_weighted_mean_of_its_sequences(tiny_data, draft_vocab):
     target, examples, _, _ = tiny_data
     chosen = [examples[1], examples[6], examples[11]]
     assert len({len(e.token_ids) for e in chosen}) > 1  # different lengths: padding is exercised
-    drafter = random_drafter(target, 1, 6, seed=2).float()
-    config = TrainConfig(block_size=6, anchors_per_sequence=5)
-    features = target_features(target, drafter.config.target_layer_ids, chosen, batch_tokens=40)
+    drafter = random_drafter(target, 1, 6, seed=2, draft_vocab=draft_vocab).float()
+    features, _ = target_features(target, drafter.config.target_layer_ids, chosen, batch_tokens=40)
+    generator = torch.Generator().manual_seed(9)
+    anchors = [sample_anchors(len(e.prompt_ids), len(e.token_ids), 5, generator) for e in chosen]
     with torch.no_grad():
-        together = batch_loss(drafter, target, chosen, features, config, 30, torch.Generator().manual_seed(9))
-        stream = torch.Generator().manual_seed(9)  # the same anchors, drawn one sequence at a time
-        singles = [batch_loss(drafter, target, [e], [f], config, 30, stream) for e, f in zip(chosen, features)]
-    stream = torch.Generator().manual_seed(9)
-    weights = [pack_blocks(e.token_ids, sample_anchors(len(e.prompt_ids), len(e.token_ids), 5, stream), 6, 30,
-                           config.gamma).loss_weights.sum() for e in chosen]
+        together = block_loss(drafter, target, chosen, features, anchors, 5)
+        singles = [block_loss(drafter, target, [e], [f], [a], 5) for e, f, a in zip(chosen, features, anchors)]
+    head = DraftHead(drafter, target.model.get_output_embeddings())
+    weights = []
+    for e, a in zip(chosen, anchors):
+        blocks = pack_blocks(e.token_ids, a, 6, 30, 7.0)
+        inside = (blocks.labels != IGNORE) & (head.draft_indices(blocks.labels.clamp(min=0)) >= 0)
+        weights.append(blocks.loss_weights[inside].sum())
     expected = sum(loss * weight for loss, weight in zip(singles, weights)) / sum(weights)
     torch.testing.assert_close(together, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("draft_vocab", [None, torch.arange(0, 32, 2)])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_training_and_decoding_see_the_same_block_logits(arch, draft_vocab):
+    """The block a training pass scores for an anchor is exactly the decode-time draft at that root."""
+    target = tiny_target(arch, vocab_size=32, seed=7)
+    drafter = random_drafter(target, 2, 6, seed=4, mask_token_id=30, target_layer_ids=[0, 2, 3],
+                             draft_vocab=draft_vocab).float()
+    tokens = torch.randint(2, 28, (23,), generator=torch.Generator().manual_seed(1))
+    runner = TargetRunner(target, drafter.config.target_layer_ids)
+    try:
+        features = runner.features_of([tokens])[0]
+    finally:
+        runner.close()
+    anchors = torch.tensor([4, 11, 19])
+    head = DraftHead(drafter, target.model.get_output_embeddings())
+    with torch.no_grad():
+        trained = predict_blocks(drafter, head, target.model.get_input_embeddings(), [tokens], [features],
+                                 [anchors], 4, 30, 7.0)
+    for block, anchor in enumerate(anchors.tolist()):
+        drafts = DraftRunner(drafter, target)
+        drafts.extend(features[:anchor], torch.arange(anchor))
+        decoded = drafts.draft(tokens[anchor], anchor, min(5, len(tokens) - 1 - anchor))
+        in_block = trained.block_ids == block
+        torch.testing.assert_close(torch.log_softmax(trained.logits[in_block], dim=-1), decoded, atol=1e-5, rtol=1e-5)
+        assert torch.equal(trained.labels[in_block], tokens[anchor + 1 : anchor + 1 + len(decoded)])
+    assert decoded.shape[-1] == (32 if draft_vocab is None else len(draft_vocab))
+
+
+def test_leading_hits_counts_each_blocks_run_of_hits(tiny_data):
+    from caddtree.train.evaluation import leading_hits
+    from caddtree.train.objective import BlockPredictions
+
+    generator = torch.Generator().manual_seed(5)
+    block_ids = torch.arange(6).repeat_interleave(7)
+    offsets = torch.arange(1, 8).repeat(6)
+    keep = torch.rand(42, generator=generator) < 0.9  # some blocks miss positions (past the sequence end)
+    hits = torch.rand(42, generator=generator) < 0.7
+    predictions = BlockPredictions(None, None, None, offsets[keep], block_ids[keep])
+    expected = []
+    for block in range(6):
+        count = 0
+        for offset in range(1, 8):
+            at = ((block_ids == block) & (offsets == offset) & keep).nonzero()
+            if len(at) == 0 or not hits[at[0, 0]]:
+                break
+            count += 1
+        expected.append(count)
+    assert leading_hits(predictions, hits[keep], 6, 8).tolist() == expected
 
 
 def test_a_time_limit_ends_training_and_still_saves(tiny_data, tmp_path):
@@ -171,3 +255,125 @@ def test_a_time_limit_ends_training_and_still_saves(tiny_data, tmp_path):
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(tmp_path / "model.safetensors").values()} == {torch.bfloat16}
+
+
+# --- batched greedy generation ---------------------------------------------------------------------
+
+
+def one_at_a_time_greedy(target, prompt, max_new_tokens, eos_ids):
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(target.model(torch.tensor([tokens])).logits[0, -1].argmax())
+            tokens.append(token)
+            if token in eos_ids:
+                break
+    return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_the_batched_loop_equals_one_at_a_time_greedy(arch):
+    from caddtree.train.batched_greedy import greedy_batch
+
+    target = tiny_target(arch, vocab_size=32, seed=11)
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 28, (int(n),), generator=generator).tolist() for n in (3, 9, 5, 14, 1, 7)]
+    eos_ids = {1, 4}  # two end tokens, so that rows finish at different steps
+    answers = greedy_batch(target, prompts, 20, eos_ids)
+    expected = [one_at_a_time_greedy(target, p, 20, eos_ids) for p in prompts]
+    assert answers == expected
+    lengths = {len(a) for a in answers}
+    assert len(lengths) > 1 and 20 in lengths, "rows should finish at different steps and some run to the cap"
+
+
+# --- records from files ------------------------------------------------------------------------------
+
+
+def write_records(path, lines, gzipped=False):
+    import gzip
+
+    text = "".join(line + "\n" for line in lines)
+    if gzipped:
+        with gzip.open(path, "wt") as handle:
+            handle.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_data_files_are_read_gzipped_or_plain(tmp_path, gzipped):
+    from caddtree.train.data import read_data_files
+
+    records = [{"prompt_ids": [3, 4], "response_ids": [5, 1]}, {"prompt_ids": [7], "response_ids": [8, 9, 1]}]
+    path = write_records(tmp_path / "data.jsonl", [json.dumps(r) for r in records] + [""], gzipped)
+    other = write_records(tmp_path / "more.jsonl", [json.dumps(records[0])])
+    assert read_data_files([path, other], 32) == [Example([3, 4], [5, 1]), Example([7], [8, 9, 1]), Example([3, 4], [5, 1])]
+
+
+@pytest.mark.parametrize("line, words", [
+    ('{"prompt_ids": [3, 4], "response_ids": [5', "line 2: not valid JSON"),
+    ('[3, 4]', "line 2: expected an object with prompt_ids and response_ids"),
+    ('{"prompt_ids": [3, 4]}', "line 2: response_ids must be a non-empty list of token ids in [0, 32)"),
+    ('{"prompt_ids": [3, 4], "response_ids": []}', "line 2: response_ids must be a non-empty list"),
+    ('{"prompt_ids": [3, 40], "response_ids": [5]}', "line 2: prompt_ids must be a non-empty list of token ids in [0, 32)"),
+    ('{"prompt_ids": [3, -1], "response_ids": [5]}', "prompt_ids must be"),
+    ('{"prompt_ids": [3, 4.0], "response_ids": [5]}', "prompt_ids must be"),
+    ('{"prompt_ids": "3 4", "response_ids": [5]}', "prompt_ids must be"),
+])
+def test_a_malformed_record_is_one_clear_error(tmp_path, line, words):
+    from caddtree.errors import CaddtreeError
+    from caddtree.train.data import read_data_files
+
+    path = write_records(tmp_path / "bad.jsonl", ['{"prompt_ids": [3], "response_ids": [4]}', line])
+    with pytest.raises(CaddtreeError) as caught:
+        read_data_files([path], 32)
+    assert str(caught.value).startswith(f"{path} line 2: ") and words in str(caught.value)
+
+
+def test_unreadable_or_empty_data_files_are_errors(tmp_path):
+    from caddtree.errors import CaddtreeError
+    from caddtree.train.data import read_data_files
+
+    corrupt = tmp_path / "corrupt.jsonl.gz"
+    corrupt.write_bytes(b"\x1f\x8b" + b"not really gzip" * 10)
+    with pytest.raises(CaddtreeError, match="corrupt.jsonl.gz is unreadable or corrupt"):
+        read_data_files([corrupt], 32)
+    with pytest.raises(CaddtreeError, match="data file not found"):
+        read_data_files([tmp_path / "missing.jsonl"], 32)
+    with pytest.raises(CaddtreeError, match="no training records"):
+        read_data_files([write_records(tmp_path / "empty.jsonl", [""])], 32)
+
+
+# --- distillation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("draft_vocab", [None, torch.arange(1, 32, 2)])
+def test_the_teacher_is_the_targets_own_distribution_before_each_answer_token(tiny_data, draft_vocab):
+    from caddtree.train.loop import teacher_rows
+    from caddtree.train.objective import distillation_loss
+
+    target, examples, _, _ = tiny_data
+    chosen = examples[2:6]
+    drafter = random_drafter(target, 1, 6, seed=2, draft_vocab=draft_vocab).float()
+    features, teachers = target_features(target, drafter.config.target_layer_ids, chosen, batch_tokens=40,
+                                         teacher_top_k=5)
+    with torch.no_grad():
+        expected = torch.log_softmax(target.model(chosen[0].token_ids[None]).logits[0].float(), -1)
+    prompt_len = len(chosen[0].prompt_ids)
+    top = torch.topk(expected[prompt_len - 1 : -1], 5, dim=-1)
+    assert torch.equal(teachers[0].token_ids.long(), top.indices)
+    torch.testing.assert_close(teachers[0].log_probs.float(), top.values, atol=2e-3, rtol=2e-3)
+
+    generator = torch.Generator().manual_seed(3)
+    anchors = [sample_anchors(len(e.prompt_ids), len(e.token_ids), 4, generator) for e in chosen]
+    head = DraftHead(drafter, target.model.get_output_embeddings())
+    with torch.no_grad():
+        predictions = predict_blocks(drafter, head, target.model.get_input_embeddings(), [e.token_ids for e in chosen],
+                                     features, anchors, 4, 30, 7.0)
+        ids, log_probs = teacher_rows(predictions, teachers, [len(e.prompt_ids) for e in chosen], 4)
+        # Greedy data: the teacher's first choice is the recorded token at every predicted position.
+        assert torch.equal(ids[:, 0].long(), predictions.labels)
+        # A one-token teacher is the hard label: the two losses agree.
+        torch.testing.assert_close(distillation_loss(predictions, head, ids[:, :1], log_probs[:, :1]),
+                                   draft_vocab_loss(predictions, head))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from caddtree.models.drafter import DFlashDrafter
+from caddtree.models.drafter import DFlashDrafter, DraftHead
 from caddtree.models.drafter_io import resolve_mask_token
 from caddtree.models.kv_buffer import FixedSlots, KVBuffer
 from caddtree.models.static_runner import capture_graph
@@ -18,7 +18,7 @@ class DraftRunner:
     def __init__(self, drafter: DFlashDrafter, target: Target, static_shapes: bool = False, cuda_graphs: bool = False):
         self.drafter = drafter
         self.embed = target.model.get_input_embeddings()
-        self.lm_head = target.model.get_output_embeddings()
+        self.head = DraftHead(drafter, target.model.get_output_embeddings())
         self.mask_token = resolve_mask_token(drafter.config, target)
         self.block_size = drafter.config.block_size
         layers = drafter.config.num_hidden_layers
@@ -56,7 +56,8 @@ class DraftRunner:
 
     @torch.inference_mode()
     def draft(self, root: torch.Tensor, root_position: int, depth: int) -> torch.Tensor:
-        """Log-marginals (depth, V) of the `depth` tokens after `root` (a 0-d token id tensor)."""
+        """Log-marginals (depth, K) of the `depth` tokens after `root` (a 0-d token id tensor), over the
+        draft vocabulary (K = V without one): `self.head.target_tokens` maps indices to tokens."""
         if self.static_shapes:
             return self._draft_static(root, root_position)[:depth]
         block = torch.full((self.block_size,), self.mask_token, dtype=torch.long, device=root.device)
@@ -66,7 +67,7 @@ class DraftRunner:
         return self._log_marginals(hidden[1 : 1 + depth])
 
     def _log_marginals(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.lm_head(hidden).float(), dim=-1)
+        return torch.log_softmax(self.head(hidden).float(), dim=-1)
 
     def _draft_static(self, root: torch.Tensor, root_position: int) -> torch.Tensor:
         """All D = b-1 positions, with fixed shapes; the context ends at root_position."""

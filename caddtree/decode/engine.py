@@ -101,6 +101,7 @@ class Engine:
         if drafted:
             depth = min(depth, self.drafts.block_size - 1)
             tree = policy.build(self.drafts.draft(root, context_len, depth), context_len)
+            tree = tree.with_tokens(self.drafts.head.target_tokens(tree.tokens))
         else:
             tree = DraftTree.empty(root.device)
         tree_tokens, tree_depths = tree.with_root(root)

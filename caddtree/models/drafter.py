@@ -4,7 +4,8 @@ One pass over the block [root, MASK, ..., MASK] predicts every masked position a
 comes from the target: its hidden features at `target_layer_ids` for every accepted token are
 projected by `fc`, RMS-normed and used by every drafter layer as extra keys and values (cached).
 Block queries see all context and the whole block (no causal mask). Token embeddings and the
-output head are the target's own.
+output head are the target's own; with a draft vocabulary, the head is only the target's rows
+for the K tokens the drafter may propose (a `draft_vocab` index stored with its weights).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caddtree.models.kv_buffer import joined
+from caddtree.models.output_head import rows_times_weight
 
 
 @dataclass
@@ -32,6 +34,7 @@ class DrafterConfig:
     num_target_layers: int
     block_size: int = 16
     mask_token_id: int | None = None
+    draft_vocab_size: int | None = None  # K: the drafter scores only K target tokens (None: all)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     vocab_size: int | None = None
@@ -144,6 +147,9 @@ class DFlashDrafter(nn.Module):
         self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.layers = nn.ModuleList(DrafterLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        size = config.draft_vocab_size
+        # (K,) target token id of each draft-vocabulary entry, increasing; None: the whole vocabulary
+        self.register_buffer("draft_vocab", None if size is None else torch.zeros(size, dtype=torch.long))
 
     def context(self, target_features: torch.Tensor) -> torch.Tensor:
         """Target features (..., c, n_layers*H) -> drafter context states (..., c, H)."""
@@ -162,3 +168,30 @@ class DFlashDrafter(nn.Module):
             x = layer(x, positions, keys, values, attn_mask)
         return self.norm(x)
 
+
+
+class DraftHead:
+    """The target's output head over the drafter's draft vocabulary (all of the target's, without one).
+
+    Outputs index the draft vocabulary; `target_tokens` maps them back to target token ids.
+    """
+
+    def __init__(self, drafter: DFlashDrafter, target_head: nn.Linear):
+        self.vocab = drafter.draft_vocab  # (K,) or None
+        weight, bias = target_head.weight.detach(), getattr(target_head, "bias", None)
+        self.weight = weight if self.vocab is None else weight[self.vocab]  # (K, H): gathered once
+        self.bias = None if bias is None else (bias.detach() if self.vocab is None else bias.detach()[self.vocab])
+        if self.vocab is not None:  # (V,) draft index of every target token, -1 outside
+            self._index_of = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+            self._index_of[self.vocab] = torch.arange(len(self.vocab), device=weight.device)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., K) of hidden states (..., H)."""
+        return rows_times_weight(hidden, self.weight, self.bias)
+
+    def target_tokens(self, draft_tokens: torch.Tensor) -> torch.Tensor:
+        return draft_tokens if self.vocab is None else self.vocab[draft_tokens]
+
+    def draft_indices(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary index of each target token id, -1 for a token outside it."""
+        return token_ids if self.vocab is None else self._index_of[token_ids]

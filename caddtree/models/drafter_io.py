@@ -53,11 +53,18 @@ def config_from_dict(raw: dict, source: str) -> DrafterConfig:
         num_target_layers=num_target_layers if num_target_layers is not None else max(layer_ids) + 1,
         block_size=raw.get("block_size", 16),
         mask_token_id=dflash.get("mask_token_id"),
+        draft_vocab_size=_draft_vocab_size(dflash.get("draft_vocab_size"), source),
         rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta),
         vocab_size=raw.get("vocab_size"),
         extra={key: value for key, value in raw.items() if key not in _OWN_FIELDS},
     )
+
+
+def _draft_vocab_size(value, source: str) -> int | None:
+    if value is not None and (type(value) is not int or value < 1):
+        raise CaddtreeError(f"drafter config {source}: dflash_config.draft_vocab_size must be a whole number >= 1")
+    return value
 
 
 def config_to_dict(config: DrafterConfig) -> dict:
@@ -76,16 +83,19 @@ def config_to_dict(config: DrafterConfig) -> dict:
         vocab_size=config.vocab_size,
         dflash_config={"target_layer_ids": config.target_layer_ids, "mask_token_id": config.mask_token_id},
     )
+    if config.draft_vocab_size is not None:
+        raw["dflash_config"]["draft_vocab_size"] = config.draft_vocab_size
     return raw
 
 
 def save_drafter(drafter: DFlashDrafter, directory: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Write config.json and the weights (in `dtype`, default: as they are) in the published layout."""
+    """Write config.json and the weights (floating ones in `dtype`, default: as they are) in the
+    published layout; the draft vocabulary, if any, is the integer tensor `draft_vocab`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config_to_dict(drafter.config), indent=2) + "\n")
-    weights = {name: tensor.detach().to(dtype or tensor.dtype).contiguous().cpu()
-               for name, tensor in drafter.state_dict().items()}
+    weights = {name: tensor.detach().to(dtype if dtype and tensor.is_floating_point() else tensor.dtype)
+               .contiguous().cpu() for name, tensor in drafter.state_dict().items()}
     save_file(weights, str(directory / WEIGHTS_FILE))
 
 
@@ -161,7 +171,22 @@ def load_weights_into(drafter: DFlashDrafter, weights: dict[str, torch.Tensor], 
                 f"drafter weight {name} in {source} has shape {tuple(tensor.shape)}, "
                 f"its config implies {tuple(expected[name].shape)}"
             )
+        if tensor.is_floating_point() != expected[name].is_floating_point():
+            raise CaddtreeError(f"drafter tensor {name} in {source} has dtype {tensor.dtype}, "
+                                f"expected {'a floating' if expected[name].is_floating_point() else 'an integer'} type")
     drafter.load_state_dict(weights)
+
+
+def check_draft_vocab(drafter: DFlashDrafter, target: Target, source: str) -> None:
+    """A draft vocabulary lists distinct target tokens in increasing order."""
+    vocab = drafter.draft_vocab
+    if vocab is None:
+        return
+    rows = target.model.get_output_embeddings().weight.shape[0]
+    if not (vocab[1:] > vocab[:-1]).all() or vocab[0] < 0 or vocab[-1] >= rows:
+        raise CaddtreeError(
+            f"drafter {source}: draft_vocab must list distinct token ids in increasing order, in [0, {rows})"
+        )
 
 
 def load_drafter(spec: str, target: Target) -> DFlashDrafter:
@@ -171,12 +196,17 @@ def load_drafter(spec: str, target: Target) -> DFlashDrafter:
     check_fits_target(config, target, spec)
     drafter = DFlashDrafter(config)
     load_weights_into(drafter, read_weights(directory), spec)
+    check_draft_vocab(drafter, target, spec)
     return drafter.to(device=target.device, dtype=target.dtype).eval()
 
 
 def random_drafter(target: Target, num_layers: int = 1, block_size: int = 16, seed: int = 0,
-                   mask_token_id: int | None = None) -> DFlashDrafter:
-    """An untrained drafter shaped for `target` (tests, and the starting point of training)."""
+                   mask_token_id: int | None = None, target_layer_ids: list[int] | None = None,
+                   draft_vocab: torch.Tensor | None = None) -> DFlashDrafter:
+    """An untrained drafter shaped for `target` (tests, and the starting point of training).
+
+    `target_layer_ids` defaults to DFlash's spread for `num_layers`; `draft_vocab` (K,), increasing
+    target token ids, restricts what it scores (default: the whole vocabulary)."""
     target_config = target.model.config
     heads = target_config.num_attention_heads
     config = DrafterConfig(
@@ -186,20 +216,26 @@ def random_drafter(target: Target, num_layers: int = 1, block_size: int = 16, se
         num_attention_heads=heads,
         num_key_value_heads=getattr(target_config, "num_key_value_heads", heads),
         head_dim=getattr(target_config, "head_dim", None) or target.hidden_size // heads,
-        target_layer_ids=default_target_layer_ids(num_layers, target.num_layers),
+        target_layer_ids=list(target_layer_ids or default_target_layer_ids(num_layers, target.num_layers)),
         num_target_layers=target.num_layers,
         block_size=block_size,
         mask_token_id=mask_token_id,
+        draft_vocab_size=None if draft_vocab is None else len(draft_vocab),
         rms_norm_eps=getattr(target_config, "rms_norm_eps", 1e-6),
         vocab_size=target_config.vocab_size,
     )
+    check_fits_target(config, target, "(new)")
     generator = torch.Generator().manual_seed(seed)
     drafter = DFlashDrafter(config)
     with torch.no_grad():
         for name, parameter in drafter.named_parameters():
             if parameter.dim() > 1:
                 parameter.normal_(0.0, 0.02, generator=generator)
-    return drafter.to(device=target.device, dtype=target.dtype).eval()
+        if draft_vocab is not None:
+            drafter.draft_vocab.copy_(draft_vocab)
+    drafter = drafter.to(device=target.device, dtype=target.dtype).eval()
+    check_draft_vocab(drafter, target, "(new)")
+    return drafter
 
 
 def resolve_mask_token(config: DrafterConfig, target: Target) -> int:

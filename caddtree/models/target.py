@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from caddtree.cache import cache_root
 from caddtree.models.architectures import is_random_spec, random_model
-from caddtree.models import tree_attention
+from caddtree.models import output_head, tree_attention
 from caddtree.models.kv_buffer import BufferedCacheLayer
 from caddtree.errors import CaddtreeError
 
@@ -193,8 +193,9 @@ class TargetRunner:
         self._captured: dict[int, torch.Tensor] = {}
         layers = target.model.get_decoder().layers
         self._hooks = [layers[j].register_forward_hook(self._capture(j)) for j in self.feature_layers]
-        self._cache_kwarg = _cache_argument_name(target.model)
+        self._cache_kwarg = cache_argument_name(target.model)
         self._tree_only_mask = tree_attention.install(target.model)
+        output_head.install(target.model)
         self.cache = DynamicCache()
         self.cache.layers = [BufferedCacheLayer() for _ in range(target.num_layers)]
 
@@ -247,16 +248,20 @@ class TargetRunner:
         return logits[-1], features
 
     @torch.inference_mode()
-    def features_of(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Features (T_i, F) of whole token sequences, in one forward without the cache.
+    def features_of(self, sequences: list[torch.Tensor], with_logits: bool = False):
+        """Features (T_i, F) of whole token sequences, in one forward without the cache; with
+        `with_logits`, also the logits (T_i, V) at every position, as a second list.
 
         Right-padded: causal attention keeps every real token blind to the padding after it.
         """
         batch = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True).to(self.target.device)
         self._captured.clear()
-        self.target.model(input_ids=batch, use_cache=False, logits_to_keep=1)
+        output = self.target.model(input_ids=batch, use_cache=False, logits_to_keep=0 if with_logits else 1)
         features = self._captured_features()
-        return [features[i, : len(sequence)] for i, sequence in enumerate(sequences)]
+        features = [features[i, : len(sequence)] for i, sequence in enumerate(sequences)]
+        if not with_logits:
+            return features
+        return features, [output.logits[i, : len(sequence)] for i, sequence in enumerate(sequences)]
 
     @torch.inference_mode()
     def verify(self, tree_token_ids: torch.Tensor, tree_depths: torch.Tensor, ancestor_mask: torch.Tensor):
@@ -292,7 +297,7 @@ def tree_attention_mask(ancestor_mask: torch.Tensor, context_len: int, dtype: to
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, blocked)[None, None]
 
 
-def _cache_argument_name(model: torch.nn.Module) -> str:
+def cache_argument_name(model: torch.nn.Module) -> str:
     """transformers renamed `past_key_values` to `cache` in 5.x; accept either."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"

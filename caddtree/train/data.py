@@ -7,6 +7,7 @@ a JSONL file with a "prompt" field; none of them come from the benchmark sets.
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from caddtree.errors import CaddtreeError
 from caddtree.models.target import Target, encode_prompt
+from caddtree.train.batched_greedy import TokenRate, greedy_batch
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ def file_prompts(path: str | Path, limit: int) -> list[str]:
 
 
 def read_examples(path: Path) -> list[Example]:
+    """The records of a cache file that this run writes, up to a line cut short by an interruption."""
     if not path.is_file():
         return []
     examples = []
@@ -84,6 +87,48 @@ def read_examples(path: Path) -> list[Example]:
         except (json.JSONDecodeError, KeyError):
             break  # a line cut short by an interruption: regenerate from here
     return examples
+
+
+def read_data_files(paths: list[str | Path], vocab_size: int) -> list[Example]:
+    """Records from JSONL files (gzip or plain), one {"prompt_ids": [...], "response_ids": [...]}
+    per line; any malformed line is an error naming the file and the line."""
+    examples = []
+    for path in map(Path, paths):
+        for number, line in enumerate(_data_lines(path), 1):
+            if line.strip():
+                examples.append(_parse_record(line, vocab_size, f"{path} line {number}"))
+    if not examples:
+        raise CaddtreeError(f"no training records in {', '.join(map(str, paths))}")
+    return examples
+
+
+def _data_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise CaddtreeError(f"data file not found: {path}")
+    try:
+        with path.open("rb") as handle:
+            gzipped = handle.read(2) == b"\x1f\x8b"
+        opener = gzip.open if gzipped else open
+        with opener(path, "rt", encoding="utf-8") as handle:
+            return handle.read().splitlines()
+    except (OSError, EOFError, UnicodeDecodeError) as error:
+        raise CaddtreeError(f"data file {path} is unreadable or corrupt ({error})") from None
+
+
+def _parse_record(line: str, vocab_size: int, where: str) -> Example:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise CaddtreeError(f"{where}: not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise CaddtreeError(f"{where}: expected an object with prompt_ids and response_ids")
+    ids = {}
+    for name in ("prompt_ids", "response_ids"):
+        value = record.get(name)
+        if not isinstance(value, list) or not value or not all(type(t) is int and 0 <= t < vocab_size for t in value):
+            raise CaddtreeError(f"{where}: {name} must be a non-empty list of token ids in [0, {vocab_size})")
+        ids[name] = value
+    return Example(ids["prompt_ids"], ids["response_ids"])
 
 
 def generate_examples(target: Target, prompts: list[str], cache_file: Path, max_new_tokens: int,
@@ -100,36 +145,23 @@ def generate_examples(target: Target, prompts: list[str], cache_file: Path, max_
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     if todo:  # rewrite before appending: drops a line cut short by an interruption
         cache_file.write_text("".join(_record(e) for e in examples))
+    rate = TokenRate()
     with cache_file.open("a") as sink, tqdm(total=len(encoded), initial=len(encoded) - len(todo),
                                             desc="generating data", unit="prompt") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            for prompt_ids, response in zip(batch, _greedy_batch(target, batch, max_new_tokens, eos_ids)):
+            answers = greedy_batch(target, batch, max_new_tokens, eos_ids)
+            for prompt_ids, response in zip(batch, answers):
                 example = Example(prompt_ids, response)
                 examples.append(example)
                 sink.write(_record(example))
             sink.flush()
+            bar.set_postfix_str(f"{rate.add(answers):.0f} answer tokens/s")
             bar.update(len(batch))
+    if todo:
+        tqdm.write(f"generated {rate.tokens} answer tokens at {rate.add([]):.0f} tokens/s")
     return examples
 
 
 def _record(example: Example) -> str:
     return json.dumps({"prompt_ids": example.prompt_ids, "response_ids": example.response_ids}) + "\n"
-
-
-@torch.inference_mode()
-def _greedy_batch(target: Target, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int]) -> list[list[int]]:
-    """Greedy answers of a left-padded batch, each cut after its first EOS."""
-    pad = next(iter(eos_ids)) if eos_ids else 0
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=target.device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=target.device)
-    output = target.model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-        do_sample=False, pad_token_id=pad, eos_token_id=sorted(eos_ids) or None,
-    )
-    responses = []
-    for row in output[:, width:].tolist():
-        end = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
-        responses.append(row[:end])
-    return responses

@@ -1,7 +1,8 @@
 """Training a DFlash drafter against a frozen target.
 
 The target's embedding and head stay frozen (the drafter borrows them); only the drafter's own
-weights learn. Its context features are computed once per sequence, before training starts.
+weights learn. Its context features are computed once per run, before training starts. A run can
+start from an earlier checkpoint (`init_from`), so training accumulates over several runs.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,18 +17,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from caddtree.decode.engine import Engine
-from caddtree.decode.policy import make_policy
-from caddtree.models.drafter import DFlashDrafter
-from caddtree.models.drafter_io import random_drafter, resolve_mask_token, save_drafter
-from caddtree.models.target import Target, TargetRunner, encode_prompt
+from caddtree.errors import CaddtreeError
+from caddtree.models.drafter import DFlashDrafter, DraftHead
+from caddtree.models.drafter_io import load_drafter, random_drafter, resolve_mask_token, save_drafter
+from caddtree.models.target import Target
 from caddtree.train.data import Example
-from caddtree.train.objective import IGNORE, decayed_cross_entropy, pack_blocks, sample_anchors, stack_blocks
+from caddtree.train.evaluation import decoding_tau, heldout_metrics
+from caddtree.train.features import Teacher, target_features
+from caddtree.train.objective import distillation_loss, draft_vocab_loss, predict_blocks, sample_anchors
+from caddtree.train.vocab import coverage, frequent_tokens
 
 
 @dataclass
 class TrainConfig:
     num_layers: int = 1
+    feature_layers: list[int] | None = None  # target layers the drafter reads; None: DFlash's spread
+    draft_vocab_size: int | None = None  # score only the K most frequent answer tokens; None: all
     block_size: int = 16
     steps: int = 1000
     max_minutes: float | None = None  # stop (and finish the schedule) by this wall time instead
@@ -41,8 +45,13 @@ class TrainConfig:
     gamma: float = 7.0
     eval_every: int = 200
     eval_tokens: int = 48
+    heldout_records: int = 0  # records kept out of training for the held-out loss and block τ
     mask_token_id: int | None = None
     feature_batch_tokens: int | None = None  # per target forward for features; None: by device
+    feature_dtype: str | None = None  # precision of the feature pass; None: the target's own
+    autocast: bool = False  # bfloat16 autocast for the drafter's passes (float32 master weights)
+    distill_top_k: int = 0  # > 0: learn the target's top-k distribution instead of its chosen token
+    init_from: str | None = None  # continue from this checkpoint (it fixes the architecture)
     save_dtype: str = "float32"  # of the written checkpoint; training keeps float32 master weights
     seed: int = 0
 
@@ -54,79 +63,78 @@ def learning_rate_factor(step: int, warmup: int, progress: float) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-@torch.inference_mode()
-def target_features(target: Target, layer_ids: list[int], examples: list[Example],
-                    batch_tokens: int | None = None) -> list[torch.Tensor]:
-    """Per example, the target's features (T, F) at every token, in bfloat16 on the target's
-    device. Sequences of similar length share a forward of about `batch_tokens` padded tokens
-    (default 16384 on a GPU; 2048 on a CPU, where bigger batches measured slower)."""
-    batch_tokens = batch_tokens or (16384 if target.device.type == "cuda" else 2048)
-    runner = TargetRunner(target, layer_ids)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].token_ids))
-    features: list[torch.Tensor | None] = [None] * len(examples)
-    try:
-        with tqdm(total=len(examples), desc="target features", unit="seq") as bar:
-            while order:
-                count = 1
-                while count < len(order) and (count + 1) * len(examples[order[count]].token_ids) <= batch_tokens:
-                    count += 1
-                chosen, order = order[:count], order[count:]
-                for i, f in zip(chosen, runner.features_of([examples[i].token_ids for i in chosen])):
-                    features[i] = f.to(torch.bfloat16, copy=True)
-                bar.update(count)
-    finally:
-        runner.close()
-    return features
+def initial_drafter(target: Target, examples: list[Example], config: TrainConfig) -> DFlashDrafter:
+    """The checkpoint to continue from, or a new drafter with its draft vocabulary from `examples`."""
+    if config.init_from:
+        drafter = load_drafter(config.init_from, target)
+        if config.mask_token_id is not None and config.mask_token_id != drafter.config.mask_token_id:
+            raise CaddtreeError(f"--mask-token-id {config.mask_token_id} differs from the checkpoint's "
+                                f"{drafter.config.mask_token_id} in {config.init_from}")
+        return drafter
+    vocab_size = target.model.get_output_embeddings().weight.shape[0]
+    vocab = frequent_tokens(examples, config.draft_vocab_size, vocab_size) if config.draft_vocab_size else None
+    return random_drafter(target, config.num_layers, config.block_size, config.seed, config.mask_token_id,
+                          config.feature_layers, vocab)
 
 
-def batch_loss(drafter: DFlashDrafter, target: Target, examples: list[Example], features: list[torch.Tensor],
-               config: TrainConfig, mask_token: int, generator: torch.Generator) -> torch.Tensor | None:
-    """Decayed cross-entropy of all anchored blocks of a batch of sequences, in one drafter pass."""
-    anchors = [sample_anchors(len(e.prompt_ids), len(e.token_ids), config.anchors_per_sequence, generator)
-               for e in examples]
-    if not any(len(a) for a in anchors):
-        return None
-    width = max(len(e.token_ids) for e in examples)
-    blocks = stack_blocks([
-        pack_blocks(e.token_ids, a, config.block_size, mask_token, config.gamma, width, config.anchors_per_sequence)
-        for e, a in zip(examples, anchors)
-    ])
-    device = target.device
-    context = torch.nn.utils.rnn.pad_sequence(features, batch_first=True).to(device, torch.float32)
-    context_kv = drafter.context_keys_values(context, torch.arange(width, device=device))
-    embeds = target.model.get_input_embeddings()(blocks.input_ids.to(device))
-    mask = blocks.attention_mask.to(device)[:, None]  # (S, 1, A*b, T + A*b): one mask for all heads
-    hidden = drafter.block_hidden(embeds, blocks.positions.to(device), context_kv, mask)
-    predicted = blocks.labels != IGNORE  # the head only runs where there is something to predict
-    logits = target.model.get_output_embeddings()(hidden[predicted.to(device)])
-    return decayed_cross_entropy(logits, blocks.labels[predicted].to(device), blocks.loss_weights[predicted].to(device))
+class _Batches:
+    """Random batches of training records with their features, teachers and anchors."""
+
+    def __init__(self, examples, features, teachers, config: TrainConfig):
+        self.examples, self.features, self.teachers, self.config = examples, features, teachers, config
+        self.order = random.Random(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def next(self):
+        count = min(self.config.sequences_per_step, len(self.examples))
+        chosen = self.order.sample(range(len(self.examples)), count)
+        anchors = [sample_anchors(len(self.examples[i].prompt_ids), len(self.examples[i].token_ids),
+                                  self.config.anchors_per_sequence, self.generator) for i in chosen]
+        return chosen, [self.examples[i].token_ids for i in chosen], [self.features[i] for i in chosen], anchors
+
+    def loss(self, predictions, head: DraftHead, chosen: list[int]) -> torch.Tensor:
+        if not self.config.distill_top_k:
+            return draft_vocab_loss(predictions, head)
+        teacher_ids, teacher_log_probs = teacher_rows(
+            predictions, [self.teachers[i] for i in chosen], [len(self.examples[i].prompt_ids) for i in chosen],
+            self.config.anchors_per_sequence)
+        return distillation_loss(predictions, head, teacher_ids, teacher_log_probs)
 
 
-def mean_acceptance(target: Target, drafter: DFlashDrafter, prompts: list[str], new_tokens: int) -> float:
-    """τ of the DFlash chain on held-out prompts (the drafter's own quality, no tree)."""
-    engine = Engine(target, drafter, static_shapes=False)  # tau needs no speed; nothing to capture
-    try:
-        taus = [engine.generate(encode_prompt(target, p), make_policy("dflash"), new_tokens).tau for p in prompts]
-    finally:
-        engine.verifier.close()
-    return statistics.fmean(taus)
+def teacher_rows(predictions, teachers: list[Teacher], prompt_lengths: list[int], num_blocks: int):
+    """The teacher's (N, k) ids and log-probabilities at each predicted position of a batch."""
+    sequence = predictions.block_ids // num_blocks  # (N,)
+    row = predictions.positions - torch.tensor(prompt_lengths, device=sequence.device)[sequence]
+    ids = torch.nn.utils.rnn.pad_sequence([t.token_ids for t in teachers], batch_first=True)
+    log_probs = torch.nn.utils.rnn.pad_sequence([t.log_probs for t in teachers], batch_first=True)
+    return ids[sequence.cpu(), row.cpu()].to(sequence.device), log_probs[sequence.cpu(), row.cpu()].to(sequence.device)
 
 
 def train(target: Target, examples: list[Example], out_dir: Path, config: TrainConfig,
           eval_prompts: list[str]) -> DFlashDrafter:
-    """Train a drafter; writes checkpoints, `history.json` and `loss.png` under out_dir."""
+    """Train a drafter; writes checkpoints, `history.json` and `loss.png` under out_dir.
+
+    The last `config.heldout_records` examples are not trained on: they measure held-out loss,
+    per-offset accuracy and the chain's block τ at every evaluation.
+    """
     torch.manual_seed(config.seed)
     target.model.requires_grad_(False)
-    drafter = random_drafter(target, config.num_layers, config.block_size, config.seed, config.mask_token_id)
-    drafter.float().train()  # float32 master weights; bf16 compute through autocast on CUDA
+    heldout = examples[len(examples) - config.heldout_records:] if config.heldout_records else []
+    examples = examples[: len(examples) - len(heldout)]
+    drafter = initial_drafter(target, examples, config)
+    drafter.float().train()  # float32 master weights; bf16 compute through autocast
     mask_token = resolve_mask_token(drafter.config, target)
     drafter.config.mask_token_id = mask_token
-    features = target_features(target, drafter.config.target_layer_ids, examples, config.feature_batch_tokens)
+    head, embed = DraftHead(drafter, target.model.get_output_embeddings()), target.model.get_input_embeddings()
+    feature_dtype = getattr(torch, config.feature_dtype) if config.feature_dtype else None
+    features, teachers = target_features(target, drafter.config.target_layer_ids, examples + heldout,
+                                         config.feature_batch_tokens, feature_dtype, config.distill_top_k)
+    features, heldout_features = features[: len(examples)], features[len(examples):]
+    history = _new_history(config, drafter, target, examples, heldout)
+    evaluate = _Evaluation(drafter, head, embed, target, heldout, heldout_features, eval_prompts, config, mask_token)
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    order = random.Random(config.seed)
-    history = {"config": asdict(config), "steps": [], "loss": [], "eval_steps": [], "eval_tau": []}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=target.device.type == "cuda")
+    batches = _Batches(examples, features, teachers, config)
+    autocast = torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=config.autocast)
     start = time.perf_counter()
     budget = config.max_minutes * 60 if config.max_minutes else math.inf
     bar = tqdm(total=None if config.max_minutes else config.steps, desc="training drafter", unit="step")
@@ -137,36 +145,67 @@ def train(target: Target, examples: list[Example], out_dir: Path, config: TrainC
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * learning_rate_factor(step, config.warmup_steps, progress)
         optimizer.zero_grad(set_to_none=True)
-        chosen = order.sample(range(len(examples)), min(config.sequences_per_step, len(examples)))
+        chosen, sequences, step_features, anchors = batches.next()
         with autocast:
-            loss = batch_loss(drafter, target, [examples[i] for i in chosen], [features[i] for i in chosen],
-                              config, mask_token, generator)
-        bar.update()
-        if loss is None:
-            continue
+            predictions = predict_blocks(drafter, head, embed, sequences, step_features, anchors,
+                                         config.anchors_per_sequence, mask_token, config.gamma)
+            loss = batches.loss(predictions, head, chosen)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), config.grad_clip)
         optimizer.step()
+        bar.update()
         history["steps"].append(step)
         history["loss"].append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if eval_prompts and (step + 1) % config.eval_every == 0:
-            _evaluate(drafter, target, eval_prompts, config, history, step + 1)
-            bar.write(f"step {step + 1}: loss {loss.item():.3f}, held-out dflash tau {history['eval_tau'][-1]:.2f}")
+        if (step + 1) % config.eval_every == 0:
+            bar.write(evaluate(history, step + 1))
             _checkpoint(drafter, out_dir, history, time.perf_counter() - start, config.save_dtype)
     bar.close()
-    if eval_prompts and history["steps"] and history["eval_steps"][-1:] != [history["steps"][-1] + 1]:
-        _evaluate(drafter, target, eval_prompts, config, history, history["steps"][-1] + 1)
+    if history["steps"] and history["evaluations"][-1:] != [history["steps"][-1] + 1]:
+        tqdm.write(evaluate(history, history["steps"][-1] + 1))
     drafter.eval()
     _checkpoint(drafter, out_dir, history, time.perf_counter() - start, config.save_dtype)
     return drafter
 
 
-def _evaluate(drafter, target, prompts, config, history, step) -> None:
-    drafter.eval()
-    history["eval_steps"].append(step)
-    history["eval_tau"].append(mean_acceptance(target, drafter, prompts, config.eval_tokens))
-    drafter.train()
+def _new_history(config: TrainConfig, drafter: DFlashDrafter, target: Target, examples, heldout) -> dict:
+    history = {"config": asdict(config), "steps": [], "loss": [], "evaluations": [], "eval_wall_seconds": []}
+    history["training_records"] = len(examples)
+    history["training_answer_tokens"] = sum(len(e.response_ids) for e in examples)
+    if drafter.draft_vocab is not None and heldout:
+        vocab_size = target.model.get_output_embeddings().weight.shape[0]
+        history["draft_vocab_heldout_coverage"] = coverage(drafter.draft_vocab.cpu(), heldout, vocab_size)
+    return history
+
+
+class _Evaluation:
+    """Held-out metrics appended to the history, and a one-line summary of them."""
+
+    def __init__(self, drafter, head, embed, target, heldout, heldout_features, prompts, config, mask_token):
+        self.drafter, self.head, self.embed, self.target = drafter, head, embed, target
+        self.heldout, self.heldout_features, self.prompts = heldout, heldout_features, prompts
+        self.config, self.mask_token = config, mask_token
+        self.start = time.perf_counter()
+
+    def __call__(self, history: dict, step: int) -> str:
+        self.drafter.eval()
+        results = {}
+        if self.heldout:
+            results.update(heldout_metrics(
+                self.drafter, self.head, self.embed, [e.token_ids for e in self.heldout],
+                [len(e.prompt_ids) for e in self.heldout], self.heldout_features,
+                self.config.anchors_per_sequence, self.mask_token, self.config.gamma,
+            ))
+        if self.prompts:
+            results.update({f"tau_{name}": tau for name, tau in
+                            decoding_tau(self.target, self.drafter, self.prompts, self.config.eval_tokens).items()})
+        self.drafter.train()
+        history["evaluations"].append(step)
+        history["eval_wall_seconds"].append(time.perf_counter() - self.start)
+        for name, value in results.items():
+            history.setdefault(f"eval_{name}", []).append(value)
+        shown = ", ".join(f"{name} {value:.3f}" for name, value in results.items() if not isinstance(value, list))
+        return f"step {step}: training loss {history['loss'][-1]:.3f}" + (f", {shown}" if shown else "")
 
 
 def _checkpoint(drafter: DFlashDrafter, out_dir: Path, history: dict, seconds: float, dtype: str) -> None:
@@ -177,19 +216,25 @@ def _checkpoint(drafter: DFlashDrafter, out_dir: Path, history: dict, seconds: f
 
 
 def plot_history(history: dict, path: Path) -> None:
+    """Training loss, and every held-out measure of quality, against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, loss_axis = plt.subplots(figsize=(7, 4))
-    loss_axis.plot(history["steps"], history["loss"], lw=0.8, color="tab:blue")
-    loss_axis.set_xlabel("step")
-    loss_axis.set_ylabel("decayed cross-entropy", color="tab:blue")
-    if history["eval_steps"]:
-        tau_axis = loss_axis.twinx()
-        tau_axis.plot(history["eval_steps"], history["eval_tau"], "o-", color="tab:red")
-        tau_axis.set_ylabel("held-out dflash τ", color="tab:red")
+    figure, (loss_axis, tau_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_axis.plot(history["steps"], history["loss"], lw=0.5, alpha=0.6, color="tab:blue", label="training")
+    if "eval_loss" in history:
+        loss_axis.plot(history["evaluations"], history["eval_loss"], "o-", color="tab:orange", label="held-out")
+    loss_axis.set(xlabel="step", ylabel="decayed cross-entropy")
+    loss_axis.legend()
+    for name, label in (("eval_block_tau", "held-out blocks, chain"), ("eval_tau_dflash", "held-out prompts, dflash"),
+                        ("eval_tau_ddtree16", "held-out prompts, ddtree 16")):
+        if name in history:
+            tau_axis.plot(history["evaluations"], history[name], "o-", label=label)
+    tau_axis.set(xlabel="step", ylabel="τ (tokens per round)")
+    if tau_axis.lines:
+        tau_axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -10,9 +10,12 @@ since a draft is only useful up to its first miss.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from caddtree.models.drafter import DFlashDrafter, DraftHead
 
 IGNORE = -100
 
@@ -76,4 +79,59 @@ def stack_blocks(packed: list[PackedBlocks]) -> PackedBlocks:
 def decayed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted mean cross-entropy over block positions; logits (N, V), labels/weights (N,)."""
     losses = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
+    return (losses * weights).sum() / weights.sum().clamp(min=1e-6)
+
+
+class BlockPredictions(NamedTuple):
+    """The drafter's outputs at every block position that has a token to predict."""
+
+    logits: torch.Tensor  # (N, K) over the draft vocabulary
+    labels: torch.Tensor  # (N,) target token ids
+    weights: torch.Tensor  # (N,) loss weights
+    offsets: torch.Tensor  # (N,) block offset k >= 1 of each position
+    block_ids: torch.Tensor  # (N,) which block of the batch (sequence-major) each position is in
+    positions: torch.Tensor  # (N,) absolute position of the predicted token in its sequence
+
+
+def predict_blocks(drafter: DFlashDrafter, head: DraftHead, embed: torch.nn.Module, sequences: list[torch.Tensor],
+                   features: list[torch.Tensor], anchors: list[torch.Tensor], num_blocks: int, mask_token: int,
+                   gamma: float) -> BlockPredictions:
+    """All anchored blocks of a batch of sequences (T_i,) with their features (T_i, F), in one
+    drafter pass: every sequence is padded to the longest and to `num_blocks` blocks."""
+    block_size = drafter.config.block_size
+    width = max(len(s) for s in sequences)
+    blocks = stack_blocks([pack_blocks(tokens, a, block_size, mask_token, gamma, width, num_blocks)
+                           for tokens, a in zip(sequences, anchors)])
+    device = embed.weight.device
+    context = torch.nn.utils.rnn.pad_sequence(features, batch_first=True).to(device, torch.float32)
+    context_kv = drafter.context_keys_values(context, torch.arange(width, device=device))
+    mask = blocks.attention_mask.to(device)[:, None]  # (S, 1, A*b, T + A*b): one mask for all heads
+    hidden = drafter.block_hidden(embed(blocks.input_ids.to(device)), blocks.positions.to(device), context_kv, mask)
+    predicted = blocks.labels != IGNORE  # the head only runs where there is something to predict
+    flat_index = torch.arange(blocks.labels.numel()).view_as(blocks.labels)  # (S, A*b)
+    return BlockPredictions(
+        head(hidden[predicted.to(device)]), blocks.labels[predicted].to(device),
+        blocks.loss_weights[predicted].to(device), (flat_index % block_size)[predicted].to(device),
+        (flat_index // block_size)[predicted].to(device), blocks.positions[predicted].to(device),
+    )
+
+
+def draft_vocab_loss(predictions: BlockPredictions, head: DraftHead) -> torch.Tensor:
+    """Decayed cross-entropy over the positions whose label is in the draft vocabulary (a drafter
+    cannot propose any other token, so those positions teach it nothing)."""
+    labels = head.draft_indices(predictions.labels)
+    inside = labels >= 0
+    return decayed_cross_entropy(predictions.logits[inside], labels[inside], predictions.weights[inside])
+
+
+def distillation_loss(predictions: BlockPredictions, head: DraftHead, teacher_ids: torch.Tensor,
+                      teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """Decayed cross-entropy against the target's own distribution (N, k) at each predicted
+    position, restricted to the draft vocabulary and renormalised there."""
+    draft_ids = head.draft_indices(teacher_ids.long())  # (N, k), -1 outside the draft vocabulary
+    inside = draft_ids >= 0
+    teacher = torch.softmax(teacher_log_probs.float().masked_fill(~inside, -torch.inf), dim=-1).nan_to_num(0.0)
+    log_q = torch.log_softmax(predictions.logits.float(), dim=-1).gather(1, draft_ids.clamp(min=0))
+    losses = -(teacher * log_q).sum(dim=-1)  # (N,)
+    weights = predictions.weights * inside.any(dim=-1)
     return (losses * weights).sum() / weights.sum().clamp(min=1e-6)

@@ -1,6 +1,6 @@
 """The draft tree that the target verifies: nodes below a root, stored depth-major."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +25,10 @@ class DraftTree:
     def with_root(self, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens and depths (n+1,) of every tree position, root first: what the target verifies."""
         return torch.cat([root[None], self.tokens]), torch.cat([self.depths.new_zeros(1), self.depths])
+
+    def with_tokens(self, tokens: torch.Tensor) -> "DraftTree":
+        """The same tree shape proposing `tokens` (n,) instead."""
+        return replace(self, tokens=tokens)
 
     @staticmethod
     def empty(device: torch.device | str) -> "DraftTree":

@@ -1,0 +1,60 @@
+"""Greedy answers to many prompts at once: a left-padded batch decoded step by step with a KV cache.
+
+transformers' batched `generate` keeps finished rows in the batch and pays its own per-step
+overhead; on a 2-core CPU it ran 4-6x slower than this loop, which drops every finished row from
+the batch and from the cache at once, so each step costs only what the live rows need.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import DynamicCache
+
+from caddtree.models.target import Target, cache_argument_name
+
+
+@torch.inference_mode()
+def greedy_batch(target: Target, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int]) -> list[list[int]]:
+    """Each prompt's greedy answer, cut after its first EOS token, at most `max_new_tokens` long."""
+    device = target.device
+    width = max(len(p) for p in prompts)
+    pad = next(iter(eos_ids), 0)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, width): padding does not shift positions
+    cache = DynamicCache()
+    answers: list[list[int]] = [[] for _ in prompts]
+    live = torch.arange(len(prompts), device=device)  # (B',) which prompt each batch row answers
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    cache_kwarg = {cache_argument_name(target.model): cache}
+    for step in range(max_new_tokens):
+        logits = target.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                              use_cache=True, logits_to_keep=1, **cache_kwarg).logits[:, -1]
+        tokens = logits.argmax(-1)  # (B',)
+        for row, token in zip(live.tolist(), tokens.tolist()):
+            answers[row].append(token)
+        going = ~torch.isin(tokens, eos)
+        if step + 1 == max_new_tokens or not going.any():
+            break
+        if not going.all():  # finished rows leave the batch and the cache
+            kept = going.nonzero().squeeze(1)
+            cache.batch_select_indices(kept)
+            live, tokens, attention_mask, positions = live[kept], tokens[kept], attention_mask[kept], positions[kept]
+        input_ids = tokens[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(live), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return answers
+
+
+class TokenRate:
+    """Answer tokens per second of wall time, for progress bars."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, answers: list[list[int]]) -> float:
+        self.tokens += sum(len(a) for a in answers)
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
