@@ -232,7 +232,7 @@ def test_leading_hits_counts_each_blocks_run_of_hits(tiny_data):
     offsets = torch.arange(1, 8).repeat(6)
     keep = torch.rand(42, generator=generator) < 0.9  # some blocks miss positions (past the sequence end)
     hits = torch.rand(42, generator=generator) < 0.7
-    predictions = BlockPredictions(None, None, None, offsets[keep], block_ids[keep])
+    predictions = BlockPredictions(None, None, None, offsets[keep], block_ids[keep], None)
     expected = []
     for block in range(6):
         count = 0
@@ -278,7 +278,8 @@ def test_the_batched_loop_equals_one_at_a_time_greedy(arch):
     target = tiny_target(arch, vocab_size=32, seed=11)
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(2, 28, (int(n),), generator=generator).tolist() for n in (3, 9, 5, 14, 1, 7)]
-    eos_ids = {1, 4}  # two end tokens, so that rows finish at different steps
+    free_runs = [one_at_a_time_greedy(target, p, 20, set()) for p in prompts]
+    eos_ids = {free_runs[0][4], free_runs[2][11]}  # tokens the target really produces: rows end at different steps
     answers = greedy_batch(target, prompts, 20, eos_ids)
     expected = [one_at_a_time_greedy(target, p, 20, eos_ids) for p in prompts]
     assert answers == expected

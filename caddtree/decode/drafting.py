@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from caddtree.models import few_rows
 from caddtree.models.drafter import DFlashDrafter, DraftHead
 from caddtree.models.drafter_io import resolve_mask_token
 from caddtree.models.kv_buffer import FixedSlots, KVBuffer
@@ -17,6 +18,7 @@ class DraftRunner:
 
     def __init__(self, drafter: DFlashDrafter, target: Target, static_shapes: bool = False, cuda_graphs: bool = False):
         self.drafter = drafter
+        few_rows.install(drafter)
         self.embed = target.model.get_input_embeddings()
         self.head = DraftHead(drafter, target.model.get_output_embeddings())
         self.mask_token = resolve_mask_token(drafter.config, target)
@@ -47,6 +49,7 @@ class DraftRunner:
                 self._static = None  # new storage: capture again
 
     @torch.inference_mode()
+    @few_rows.enabled()
     def extend(self, target_features: torch.Tensor, positions: torch.Tensor) -> None:
         """Add accepted tokens (features (c, F) at absolute positions (c,)) to the context."""
         new_kv = self.drafter.context_keys_values(target_features, positions)
@@ -55,6 +58,7 @@ class DraftRunner:
             values.append(new_values)
 
     @torch.inference_mode()
+    @few_rows.enabled()
     def draft(self, root: torch.Tensor, root_position: int, depth: int) -> torch.Tensor:
         """Log-marginals (depth, K) of the `depth` tokens after `root` (a 0-d token id tensor), over the
         draft vocabulary (K = V without one): `self.head.target_tokens` maps indices to tokens."""

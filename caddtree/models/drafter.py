@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caddtree.models.kv_buffer import joined
-from caddtree.models.output_head import rows_times_weight
+from caddtree.models.few_rows import rows_times_weight
 
 
 @dataclass

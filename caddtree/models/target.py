@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from caddtree.cache import cache_root
 from caddtree.models.architectures import is_random_spec, random_model
-from caddtree.models import output_head, tree_attention
+from caddtree.models import few_rows, tree_attention
 from caddtree.models.kv_buffer import BufferedCacheLayer
 from caddtree.errors import CaddtreeError
 
@@ -195,7 +195,7 @@ class TargetRunner:
         self._hooks = [layers[j].register_forward_hook(self._capture(j)) for j in self.feature_layers]
         self._cache_kwarg = cache_argument_name(target.model)
         self._tree_only_mask = tree_attention.install(target.model)
-        output_head.install(target.model)
+        few_rows.install(target.model)
         self.cache = DynamicCache()
         self.cache.layers = [BufferedCacheLayer() for _ in range(target.num_layers)]
 
@@ -222,14 +222,15 @@ class TargetRunner:
 
     def _forward(self, token_ids, position_ids, attention_mask, logits_to_keep=0):
         self._captured.clear()
-        output = self.target.model(
-            input_ids=token_ids[None],
-            position_ids=position_ids[None],
-            attention_mask=attention_mask,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-            **{self._cache_kwarg: self.cache},
-        )
+        with few_rows.enabled():
+            output = self.target.model(
+                input_ids=token_ids[None],
+                position_ids=position_ids[None],
+                attention_mask=attention_mask,
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+                **{self._cache_kwarg: self.cache},
+            )
         features = self._captured_features()
         return output.logits[0], None if features is None else features[0]
 
