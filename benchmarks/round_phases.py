@@ -36,6 +36,7 @@ def phase_times(engine: Engine, prompt_ids, budget: int, rounds: int) -> dict[st
     for _ in range(rounds + 1):  # the first round warms up
         log_probs, draft_s = timed(lambda: drafts.draft(root, context_len, drafts.block_size - 1))
         tree, build_s = timed(lambda: tree_from_ranked(rank_nodes(log_probs, budget), budget))
+        tree = tree.with_tokens(drafts.head.target_tokens(tree.tokens))
         _, verify_s = timed(lambda: (verifier.verify(*tree.with_root(root), tree.ancestor_mask),
                                      verifier.keep(tree.depths.new_zeros(0))))  # back to the context
         for name, seconds in zip(totals, (draft_s, build_s, verify_s)):

@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-every", type=_positive_int, default=200)
     train.add_argument("--feature-dtype", choices=["float32", "bfloat16"],
                        help="precision of the target forward that computes features (default: the target's)")
-    train.add_argument("--autocast", action="store_true", help="bfloat16 autocast for the drafter's passes")
+    train.add_argument("--autocast", action=argparse.BooleanOptionalAction,
+                       help="bfloat16 autocast for the drafter's passes (default: on CUDA only; it also pays on "
+                            "CPUs with bfloat16 arithmetic, e.g. AVX512-BF16)")
     train.add_argument("--distill", type=_non_negative_int, default=0, metavar="K",
                        help="learn the target's top-K next-token distribution instead of its chosen token (default 0: off)")
     train.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
@@ -329,7 +331,11 @@ def run_train_drafter(args) -> None:
     _say(f"loading target {target_label(args.target)} ...")
     target = load_target(args.target, device)  # float32 weights; bf16 autocast on request
     out = Path(args.out)
+    vocab_size = target.model.get_output_embeddings().weight.shape[0]
+    if args.distill > vocab_size:
+        raise CaddtreeError(f"--distill {args.distill} exceeds the target's vocabulary of {vocab_size} tokens")
     examples = _training_examples(args, target, train_prompts, out)
+    _check_held_out(target, eval_prompts, examples)
     if args.heldout_records >= len(examples):
         raise CaddtreeError(f"--heldout-records {args.heldout_records} leaves nothing of the {len(examples)} records to train on")
     config = TrainConfig(
@@ -356,6 +362,17 @@ def _check_architecture_arguments(args) -> None:
             raise CaddtreeError(f"{', '.join(given)} cannot change the architecture of --init-from {args.init_from}")
 
 
+def _check_held_out(target, prompts: list[str], examples) -> None:
+    """A prompt that measures held-out tau must not be one the drafter trains on."""
+    from caddtree.models.target import encode_prompt
+
+    trained = {tuple(e.prompt_ids) for e in examples}
+    seen = [p for p in prompts if tuple(encode_prompt(target, p).tolist()) in trained]
+    if seen:
+        raise CaddtreeError(f"{len(seen)} of the --eval-prompts are also in the training data (first: {seen[0][:60]!r}); "
+                            "take held-out prompts from elsewhere or set --eval-prompts 0")
+
+
 def _training_prompts(source: str, count: int, seed: int) -> list[str]:
     from caddtree.train.data import file_prompts, sharegpt_prompts
 
@@ -372,7 +389,10 @@ def _training_examples(args, target, prompts: list[str], out):
     if not args.data:
         return generate_examples(target, prompts, out / "data.jsonl", args.max_new_tokens,
                                  args.generation_batch, eos_token_ids(target))
-    examples = read_data_files(args.data, target.model.get_input_embeddings().weight.shape[0])
+    examples = read_data_files(args.data, target.model.get_output_embeddings().weight.shape[0])
+    longest = max(len(e.token_ids) for e in examples)
+    if longest >= target.max_positions:
+        raise CaddtreeError(f"a record of --data holds {longest} tokens; the target's context holds {target.max_positions}")
     random.Random(args.seed).shuffle(examples)
     _say(f"read {len(examples)} records, {sum(len(e.response_ids) for e in examples)} answer tokens")
     return examples

@@ -162,7 +162,7 @@ def test_load_wrong_format(tmp_path):
 
 
 def test_load_wrong_version(tmp_path):
-    with pytest.raises(CaddtreeError, match="has version 1; this caddtree reads 2"):
+    with pytest.raises(CaddtreeError, match="has version 1; this caddtree reads 3"):
         CostModel.load(write_model_json(tmp_path / "m.json", version=1))
 
 

@@ -17,7 +17,7 @@ from caddtree.cost.fit import CostCurve, fit_convex, fit_monotone
 from caddtree.errors import CaddtreeError
 
 FORMAT = "caddtree-cost-model"
-VERSION = 2  # 2: profiles include tree size 0, the plain decoding step
+VERSION = 3  # 2: profiles include tree size 0, the plain decoding step; 3: few-row linear dispatch on the CPU
 META_KEYS = ("target", "drafter", "device", "dtype")
 FIELDS = ("meta", "contexts", "draft_seconds", "verify_convex", "verify_monotone", "measurements")
 

@@ -6,6 +6,8 @@ trees of n nodes after a random context of l tokens, and real drafter passes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import time
 
@@ -15,6 +17,7 @@ from tqdm import tqdm
 from caddtree.cost.model import CostModel, cache_path
 from caddtree.decode.engine import Engine, synchronize
 from caddtree.errors import CaddtreeError
+from caddtree.models.drafter_io import config_to_dict
 from caddtree.tree.build import rank_nodes, tree_from_ranked
 
 FULL_SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -33,11 +36,18 @@ def device_label(device: torch.device) -> str:
 
 
 def cost_meta(engine: Engine, drafter_name: str) -> dict:
+    """What a cost model was measured for. `shapes` digests both models' configurations (costs
+    depend on shapes, not on weight values), so the auto cache never serves a model measured for
+    another architecture that happens to sit at the same path."""
+    drafter = engine.drafts.drafter.config if engine.drafts else None
+    shapes = json.dumps([engine.target.model.config.to_dict(), drafter and config_to_dict(drafter)], sort_keys=True,
+                        default=str)
     return {
         "target": engine.target.name,
         "drafter": drafter_name,
         "device": device_label(engine.target.device) + ("/cuda-graphs" if engine.verifier.cuda_graphs else ""),
         "dtype": str(engine.target.dtype).removeprefix("torch."),
+        "shapes": hashlib.sha256(shapes.encode()).hexdigest()[:16],
     }
 
 

@@ -32,7 +32,7 @@ def rows_times_weight(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """F.linear(rows, weight, bias) for rows (..., H), weight (V, H); as weight @ rows^T where that
     is faster (few rows on the CPU, no gradient needed)."""
     count = rows.numel() // rows.shape[-1]
-    needs_grad = torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, weight, bias))
     if rows.device.type != "cpu" or count > MAX_ROWS or needs_grad:
         return F.linear(rows, weight, bias)
     flat = rows.reshape(count, rows.shape[-1])
@@ -52,9 +52,12 @@ def install(model: nn.Module) -> None:
 
 
 def _linear_forward(module: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
-    if _enabled.get():
-        return rows_times_weight(rows, module.weight, module.bias)
-    return F.linear(rows, module.weight, module.bias)
+    return linear(rows, module.weight, module.bias)
+
+
+def linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through `rows_times_weight` inside `enabled()`."""
+    return (rows_times_weight if _enabled.get() else F.linear)(rows, weight, bias)
 
 
 @contextlib.contextmanager

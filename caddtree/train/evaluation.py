@@ -56,6 +56,8 @@ def heldout_metrics(drafter: DFlashDrafter, head: DraftHead, embed: torch.nn.Mod
         real_blocks = torch.tensor([b * anchors_per_sequence + k for b, a in enumerate(anchors) for k in range(len(a))])
         accepted.append(leading_hits(predictions, hits, len(chunk) * anchors_per_sequence, block_size)[real_blocks])
         hits_by_offset.append(torch.stack([predictions.offsets, hits.long()]).cpu())
+    if not sum(len(a) for a in accepted):
+        return {}  # no held-out record has an answer token to predict
     offsets, hits = torch.cat(hits_by_offset, dim=1)
     per_offset = torch.zeros(block_size).index_add_(0, offsets, hits.float())
     per_offset /= torch.bincount(offsets, minlength=block_size).clamp(min=1)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from caddtree.errors import CaddtreeError
 from caddtree.models.drafter import DFlashDrafter, DraftHead
-from caddtree.models.drafter_io import load_drafter, random_drafter, resolve_mask_token, save_drafter
+from caddtree.models.drafter_io import config_to_dict, load_drafter, random_drafter, resolve_mask_token, save_drafter
 from caddtree.models.target import Target
 from caddtree.train.data import Example
 from caddtree.train.evaluation import decoding_tau, heldout_metrics
@@ -49,7 +49,7 @@ class TrainConfig:
     mask_token_id: int | None = None
     feature_batch_tokens: int | None = None  # per target forward for features; None: by device
     feature_dtype: str | None = None  # precision of the feature pass; None: the target's own
-    autocast: bool = False  # bfloat16 autocast for the drafter's passes (float32 master weights)
+    autocast: bool | None = None  # bfloat16 autocast for the drafter's passes; None: on CUDA only
     distill_top_k: int = 0  # > 0: learn the target's top-k distribution instead of its chosen token
     init_from: str | None = None  # continue from this checkpoint (it fixes the architecture)
     save_dtype: str = "float32"  # of the written checkpoint; training keeps float32 master weights
@@ -134,7 +134,8 @@ def train(target: Target, examples: list[Example], out_dir: Path, config: TrainC
     evaluate = _Evaluation(drafter, head, embed, target, heldout, heldout_features, eval_prompts, config, mask_token)
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     batches = _Batches(examples, features, teachers, config)
-    autocast = torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=config.autocast)
+    use_autocast = target.device.type == "cuda" if config.autocast is None else config.autocast
+    autocast = torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=use_autocast)
     start = time.perf_counter()
     budget = config.max_minutes * 60 if config.max_minutes else math.inf
     bar = tqdm(total=None if config.max_minutes else config.steps, desc="training drafter", unit="step")
@@ -150,10 +151,12 @@ def train(target: Target, examples: list[Example], out_dir: Path, config: TrainC
             predictions = predict_blocks(drafter, head, embed, sequences, step_features, anchors,
                                          config.anchors_per_sequence, mask_token, config.gamma)
             loss = batches.loss(predictions, head, chosen)
+        bar.update()
+        if not len(predictions.labels):  # no record of the batch had an answer token to predict
+            continue
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), config.grad_clip)
         optimizer.step()
-        bar.update()
         history["steps"].append(step)
         history["loss"].append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -169,7 +172,8 @@ def train(target: Target, examples: list[Example], out_dir: Path, config: TrainC
 
 
 def _new_history(config: TrainConfig, drafter: DFlashDrafter, target: Target, examples, heldout) -> dict:
-    history = {"config": asdict(config), "steps": [], "loss": [], "evaluations": [], "eval_wall_seconds": []}
+    history = {"config": asdict(config), "drafter_config": config_to_dict(drafter.config), "steps": [], "loss": [],
+               "evaluations": [], "eval_wall_seconds": []}
     history["training_records"] = len(examples)
     history["training_answer_tokens"] = sum(len(e.response_ids) for e in examples)
     if drafter.draft_vocab is not None and heldout:
@@ -223,9 +227,12 @@ def plot_history(history: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (loss_axis, tau_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    loss_axis.plot(history["steps"], history["loss"], lw=0.5, alpha=0.6, color="tab:blue", label="training")
+    distilled = history["config"].get("distill_top_k")
+    training = f"training (against the target's top-{distilled})" if distilled else "training"
+    loss_axis.plot(history["steps"], history["loss"], lw=0.5, alpha=0.6, color="tab:blue", label=training)
     if "eval_loss" in history:
-        loss_axis.plot(history["evaluations"], history["eval_loss"], "o-", color="tab:orange", label="held-out")
+        loss_axis.plot(history["evaluations"], history["eval_loss"], "o-", color="tab:orange",
+                       label="held-out (against the chosen token)")
     loss_axis.set(xlabel="step", ylabel="decayed cross-entropy")
     loss_axis.legend()
     for name, label in (("eval_block_tau", "held-out blocks, chain"), ("eval_tau_dflash", "held-out prompts, dflash"),
