@@ -237,18 +237,32 @@ def run_generate(args) -> None:
         calibrate=not args.uncalibrated, on_text=stream, **options,
     )
     baseline = pair.generate(prompt, method="ar", **options) if args.compare_ar else None
+    mismatch = _greedy_mismatch(result, baseline) if baseline and args.temperature == 0 else None
     if args.json:
         summary = result.summary()
         if baseline:
-            summary.update(ar_tokens_per_s=baseline.tokens_per_s, speedup_over_ar=_speedup(result, baseline))
+            summary.update(ar_tokens_per_s=baseline.tokens_per_s, speedup_over_ar=_speedup(result, baseline),
+                           identical_to_ar=baseline.tokens == result.tokens)
         print(json.dumps(summary))
-        return
-    print("\n")
-    for run in (result, baseline) if baseline else (result,):
-        print(_stats_line(run))
-    if baseline:
-        same = "identical output" if baseline.tokens == result.tokens else "outputs differ (sampling)"
-        print(f"speed-up of {result.method} over ar: {_speedup(result, baseline):.2f}x ({same})")
+    else:
+        print("\n")
+        for run in (result, baseline) if baseline else (result,):
+            print(_stats_line(run))
+        if baseline:
+            same = "identical output" if baseline.tokens == result.tokens else "outputs differ, as sampling may"
+            print(f"speed-up of {result.method} over ar: {_speedup(result, baseline):.2f}x ({same})")
+    if mismatch:
+        raise CaddtreeError(mismatch)
+
+
+def _greedy_mismatch(result, baseline) -> str | None:
+    """Greedy decoding must reproduce ar token for token: where it does not, what differs."""
+    if result.tokens == baseline.tokens:
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(result.tokens, baseline.tokens)) if a != b),
+                 min(len(result.tokens), len(baseline.tokens)))
+    return (f"greedy {result.method} differs from ar at new token {first} "
+            f"({result.new_tokens} vs {baseline.new_tokens} tokens): this is a bug, please report it")
 
 
 def _speedup(result, baseline) -> float:
@@ -308,6 +322,8 @@ def run_bench(args) -> None:
         return
     print(outcome.table)
     print(f"\nwrote {', '.join(str(path) for path in outcome.files)}")
+    if outcome.inexact:
+        raise CaddtreeError(f"NOT EXACT: greedy outputs differ from ar's for {'; '.join(outcome.inexact)}")
 
 
 def run_train_drafter(args) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from caddtree.api import Pair
 from caddtree.bench.distributed import shard
-from caddtree.bench.metrics import summarize
+from caddtree.bench.metrics import inexact_methods, summarize
 from caddtree.bench.prompts import (
     MATH_INSTRUCTION, MTBENCH_DISTRIBUTION, BenchPrompt, benchmark_prompts, load_prompt_set, math_prompt,
     sample_prompts,
@@ -118,17 +118,35 @@ def test_report_files(tmp_path):
     for name in (CURVES_PNG, HISTOGRAM_PNG, COST_PNG):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
     table = (tmp_path / RESULTS_MD).read_text()
-    assert "| method | math tokens/s | math speed-up | math τ | math budget | code tokens/s |" in table
-    assert "| ar | 10.0 | 1.00x | 1.00 | 0.0 ± 0.0 | 5.0 | 1.00x | 1.00 | 0.0 ± 0.0 |" in table
-    assert "| ddtree@4 | 20.0 | 2.00x | 2.00 | 3.5 ± 0.9 |" in table
-    assert "| caddtree-greedy | 18.0 | 1.80x | 4.50 | 6.0 ± 0.0 | – | – | – | – |" in table
-    assert "| ddtree oracle | 20.0 | 2.00x | 2.00 | ddtree@4 | 20.0 | 4.00x | 2.50 | ddtree@8 |" in table
-    assert "| caddtree-exact ÷ oracle | 1.25 |  |  |  | 1.25 |  |  |  |" in table
+    assert "| method | math tokens/s | math speed-up | math τ | math budget | math = ar | code tokens/s |" in table
+    assert "| ar | 10.0 | 1.00x | 1.00 | 0.0 ± 0.0 | – | 5.0 | 1.00x | 1.00 | 0.0 ± 0.0 | – |" in table
+    assert "| ddtree@4 | 20.0 | 2.00x | 2.00 | 3.5 ± 0.9 | – |" in table
+    assert "| caddtree-greedy | 18.0 | 1.80x | 4.50 | 6.0 ± 0.0 | – | – | – | – | – | – |" in table
+    assert "| ddtree oracle | 20.0 | 2.00x | 2.00 | ddtree@4 | – | 20.0 | 4.00x | 2.50 | ddtree@8 | – |" in table
+    assert "| caddtree-exact ÷ oracle | 1.25 |  |  |  |  | 1.25 |  |  |  |  |" in table
+    assert "NOT EXACT" not in table
     assert "prefill" in table and f"]({CURVES_PNG})" in table
     assert read_records(tmp_path / RESULTS_JSON) == records
     metrics = json.loads((tmp_path / RESULTS_JSON).read_text())["metrics"]
     assert metrics[0]["oracle"] == "ddtree@4"
     assert metrics[0]["methods"]["ddtree@4"]["tokens_per_s"] == pytest.approx(20.0)
+
+
+def test_a_method_that_is_not_exact_is_marked_in_every_output(tmp_path):
+    records = synthetic_records()
+    for r in records:  # greedy: every record compared with ar; ddtree@4 got one of its two math prompts wrong
+        r.equal_to_ar = not (r.method == "ddtree@4" and r.dataset == "math" and r.prompt_index == 1)
+    summaries = summarize(records)
+    assert inexact_methods(summaries) == ["ddtree@4 on math (1 of 2 outputs)"]
+    assert summaries[0].methods["ar"].exact is True and summaries[0].methods["ddtree@4"].exact is False
+    env = {"target": "t", "drafter": "d", "device": "cpu", "dtype": "float32", "processes": 1, "date": "today"}
+    write_report(tmp_path, records, summaries, env, None)
+    table = (tmp_path / RESULTS_MD).read_text()
+    assert "**NOT EXACT: greedy outputs differ from ar's for ddtree@4 on math (1 of 2 outputs)." in table
+    assert "| ddtree@4 | 20.0 | 2.00x | 2.00 | 3.5 ± 0.9 | **1/2 NOT EXACT** | 10.0 |" in table
+    assert "| ar | 10.0 | 1.00x | 1.00 | 0.0 ± 0.0 | 2/2 |" in table
+    metrics = json.loads((tmp_path / RESULTS_JSON).read_text())["metrics"]
+    assert metrics[0]["methods"]["ddtree@4"]["exact"] is False and metrics[1]["methods"]["ddtree@4"]["exact"] is True
 
 
 def test_report_without_ddtree_or_caddtree_writes_no_plots_of_them(tmp_path):
@@ -313,6 +331,25 @@ def test_bench_end_to_end(capsys, model_dirs, tmp_path, monkeypatch):
     assert env["target"] == "target" and env["dtype"] == "float32" and env["processes"] == 1
     assert {"python", "torch", "transformers", "caddtree", "device", "drafter", "command", "date"} <= env.keys()
     assert "| caddtree-exact ÷ oracle |" in stdout and str(out / RESULTS_JSON) in stdout
+
+
+def test_a_bench_whose_greedy_outputs_differ_from_ar_fails_loudly(capsys, model_dirs, tmp_path, monkeypatch):
+    from caddtree.decode import engine
+
+    real_walk = engine.accepted_path
+
+    def always_take_the_first_child(tree, choices, max_length):  # a deliberately broken acceptance walk
+        return real_walk(tree, torch.cat([tree.tokens[:1], choices[1:]]) if tree.size else choices, max_length)
+
+    monkeypatch.setattr(engine, "accepted_path", always_take_the_first_child)
+    monkeypatch.setenv("CADDTREE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, model_args(model_dirs, out, "--methods", "ar,dflash", "--n", "1",
+                                                   "--no-hf-generate"))
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err
+    assert last.startswith("caddtree: error: NOT EXACT") and "dflash on toy" in last and "ar on" not in last
+    assert "NOT EXACT**" in stdout and "**NOT EXACT" in (out / RESULTS_MD).read_text()
 
 
 def test_torchrun_two_processes_gather_on_rank_zero(model_dirs, tmp_path):

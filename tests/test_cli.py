@@ -416,3 +416,27 @@ def test_train_drafter_on_records_writes_a_drafter_with_a_draft_vocabulary(capsy
     assert config["dflash_config"] == {"target_layer_ids": [0, 3], "mask_token_id": 30, "draft_vocab_size": 8}
     history = json.loads((out / "history.json").read_text())
     assert history["evaluations"] == [3, 6] and history["training_records"] == 10
+
+
+def test_compare_ar_reports_a_greedy_mismatch_as_an_error(capsys, models, monkeypatch):
+    """A broken acceptance walk (the first child is always taken) must not pass as a speed-up."""
+    from caddtree.decode import engine
+
+    real_walk = engine.accepted_path
+
+    def always_take_the_first_child(tree, choices, max_length):
+        if tree.size:
+            choices = torch.cat([tree.tokens[:1], choices[1:]])
+        return real_walk(tree, choices, max_length)
+
+    monkeypatch.setattr(engine, "accepted_path", always_take_the_first_child)
+    message = assert_user_error(capsys, generate_args(models, "w3 w4 w5", "--method", "dflash", "--compare-ar",
+                                                      "--max-new-tokens", "12"))
+    assert "greedy dflash differs from ar at new token" in message and "bug" in message
+
+
+def test_compare_ar_on_an_exact_method_says_identical(capsys, models):
+    code, out, err = run_cli(capsys, generate_args(models, "w3 w4 w5", "--method", "ddtree", "--budget", "6",
+                                                   "--compare-ar", "--max-new-tokens", "12"))
+    assert code == 0, err
+    assert "speed-up of ddtree over ar" in out and "(identical output)" in out

@@ -23,6 +23,13 @@ class MethodStats:
     budget_mean: float  # over all rounds of all prompts
     budget_std: float
     speedup: float | None  # tokens/s over ar's on the same dataset; None when ar did not run
+    outputs_equal_to_ar: int | None = None  # greedy with ar: how many outputs are ar's, token for token
+    outputs: int = 0  # decodings (prompt turns) behind these numbers
+
+    @property
+    def exact(self) -> bool | None:
+        """Greedy and compared with ar: did every output equal ar's? None when not compared."""
+        return None if self.outputs_equal_to_ar is None else self.outputs_equal_to_ar == self.outputs
 
     @property
     def ms_per_token(self) -> float:
@@ -51,6 +58,7 @@ def method_stats(method: str, records: list[Record], baseline_tokens_per_s: floa
     decoded = sum(record.decoded_tokens for record in records)
     seconds = sum(record.decode_seconds for record in records)
     tokens_per_s = decoded / seconds if seconds else 0.0
+    compared = [record.equal_to_ar for record in records if record.equal_to_ar is not None]
     return MethodStats(
         method=method,
         decoded_tokens=decoded,
@@ -59,6 +67,8 @@ def method_stats(method: str, records: list[Record], baseline_tokens_per_s: floa
         budget_mean=statistics.fmean(budgets) if budgets else 0.0,
         budget_std=statistics.pstdev(budgets) if budgets else 0.0,
         speedup=tokens_per_s / baseline_tokens_per_s if baseline_tokens_per_s else None,
+        outputs_equal_to_ar=sum(compared) if compared else None,
+        outputs=len(records),
     )
 
 
@@ -88,10 +98,17 @@ def summarize(records: list[Record]) -> list[DatasetSummary]:
     return [summarize_dataset(name, [r for r in records if r.dataset == name]) for name in datasets]
 
 
+def inexact_methods(summaries: list[DatasetSummary]) -> list[str]:
+    """One phrase per (dataset, method) whose greedy outputs are not all ar's: a bug, never a speed-up."""
+    return [f"{label} on {summary.dataset} ({stats.outputs - stats.outputs_equal_to_ar} of {stats.outputs} outputs)"
+            for summary in summaries for label, stats in summary.methods.items() if stats.exact is False]
+
+
 def summary_to_json(summary: DatasetSummary) -> dict:
     """Plain data, the derived rates included, for results.json."""
     methods = {
-        label: {**vars(stats), "ms_per_token": stats.ms_per_token, "tokens_per_s": stats.tokens_per_s, "tau": stats.tau}
+        label: {**vars(stats), "ms_per_token": stats.ms_per_token, "tokens_per_s": stats.tokens_per_s, "tau": stats.tau,
+                "exact": stats.exact}
         for label, stats in summary.methods.items()
     }
     return {"dataset": summary.dataset, "methods": methods, "oracle": summary.oracle,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import transformers
 
-from caddtree.bench.metrics import DatasetSummary, MethodStats, summary_to_json
+from caddtree.bench.metrics import DatasetSummary, MethodStats, inexact_methods, summary_to_json
 from caddtree.bench.runner import Record
 from caddtree.cost.model import CostModel
 from caddtree.cost.profile import device_label
@@ -25,6 +25,7 @@ CURVES_PNG = "budget_curves.png"
 HISTOGRAM_PNG = "caddtree_budgets.png"
 COST_PNG = "cost_model.png"
 DDTREE_LABEL = re.compile(r"ddtree@(\d+)$")
+COLUMNS = ("tokens/s", "speed-up", "τ", "budget", "= ar")
 
 
 def environment(pair, command: list[str], world_size: int) -> dict:
@@ -61,33 +62,41 @@ def read_records(path: Path) -> list[Record]:
 
 
 def markdown_table(summaries: list[DatasetSummary]) -> str:
-    """Rows: methods, then the DDTree oracle and CaDDTree / oracle; per dataset: tokens/s, speed-up, τ, budget."""
+    """Rows: methods, then the DDTree oracle and CaDDTree / oracle; per dataset: tokens/s, speed-up, τ, budget
+    and (greedy) how many outputs equal ar's."""
     labels = list(dict.fromkeys(label for summary in summaries for label in summary.methods))
-    header = ["method"] + [f"{s.dataset} {column}" for s in summaries for column in ("tokens/s", "speed-up", "τ", "budget")]
+    header = ["method"] + [f"{s.dataset} {column}" for s in summaries for column in COLUMNS]
     rows = [[label] + [cell for s in summaries for cell in _stats_cells(s.methods.get(label))] for label in labels]
     if any(summary.oracle for summary in summaries):
         rows.append(["ddtree oracle"] + [cell for s in summaries for cell in _oracle_cells(s)])
     ratio_labels = list(dict.fromkeys(label for s in summaries for label in s.caddtree_over_oracle))
     for label in ratio_labels:
         ratios = [s.caddtree_over_oracle.get(label) for s in summaries]
-        rows.append([f"{label} ÷ oracle"] + [cell for r in ratios for cell in (_ratio(r), "", "", "")])
+        rows.append([f"{label} ÷ oracle"] + [cell for r in ratios for cell in (_ratio(r), "", "", "", "")])
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
 def _stats_cells(stats: MethodStats | None) -> list[str]:
     if stats is None:
-        return ["–"] * 4
+        return ["–"] * len(COLUMNS)
     speedup = f"{stats.speedup:.2f}x" if stats.speedup is not None else "–"
     budget = f"{stats.budget_mean:.1f} ± {stats.budget_std:.1f}"
-    return [f"{stats.tokens_per_s:.1f}", speedup, f"{stats.tau:.2f}", budget]
+    return [f"{stats.tokens_per_s:.1f}", speedup, f"{stats.tau:.2f}", budget, _exactness(stats)]
+
+
+def _exactness(stats: MethodStats) -> str:
+    if stats.exact is None:
+        return "–"
+    counts = f"{stats.outputs_equal_to_ar}/{stats.outputs}"
+    return counts if stats.exact else f"**{counts} NOT EXACT**"
 
 
 def _oracle_cells(summary: DatasetSummary) -> list[str]:
     if summary.oracle is None:
-        return ["–"] * 4
+        return ["–"] * len(COLUMNS)
     cells = _stats_cells(summary.methods[summary.oracle])
-    return cells[:3] + [summary.oracle]
+    return cells[:3] + [summary.oracle, cells[4]]
 
 
 def _ratio(ratio: float | None) -> str:
@@ -95,9 +104,13 @@ def _ratio(ratio: float | None) -> str:
 
 
 def write_markdown(path: Path, summaries: list[DatasetSummary], env: dict, plots: list[Path]) -> None:
+    inexact = inexact_methods(summaries)
+    warning = [f"**NOT EXACT: greedy outputs differ from ar's for {'; '.join(inexact)}. A method that changes "
+               "the output is a bug; its speed means nothing.**", ""] if inexact else []
     lines = [
         "# caddtree bench",
         "",
+        *warning,
         f"Target `{env['target']}`, drafter `{env['drafter']}`, {env['device']}, {env['dtype']}, "
         f"{env['processes']} process(es), {env['date']}.",
         "",
@@ -107,7 +120,8 @@ def write_markdown(path: Path, summaries: list[DatasetSummary], env: dict, plots
         "(transformers' own `generate`, the outside reference), which is timed with its prefill. "
         "Speed-up is over `ar` of the same engine on the same prompts. τ: tokens per round, the "
         "target's own token included. Budget: tree nodes per round, mean ± std. The oracle is the "
-        "ddtree budget with the best tokens/s per dataset, picked after the fact.",
+        "ddtree budget with the best tokens/s per dataset, picked after the fact. = ar (greedy runs): how many "
+        "outputs equal ar's token for token; every method must reproduce all of them.",
         "",
         *[f"![{plot.stem}]({plot.name})" for plot in plots],
     ]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from caddtree.bench import distributed
-from caddtree.bench.metrics import summarize
+from caddtree.bench.metrics import inexact_methods, summarize
 from caddtree.bench.options import BenchOptions
 from caddtree.bench.prompts import BenchPrompt, benchmark_prompts
 from caddtree.bench.report import environment, markdown_table, write_report
@@ -20,6 +20,7 @@ from caddtree.models.target import target_label
 class BenchOutcome:
     table: str  # the markdown table of results.md
     files: list[Path]
+    inexact: list[str]  # (method, dataset) phrases whose greedy outputs are not ar's; empty when all are
 
 
 def run_bench(options: BenchOptions, say=lambda message: print(message, file=sys.stderr, flush=True)) -> BenchOutcome | None:
@@ -51,7 +52,7 @@ def run_bench(options: BenchOptions, say=lambda message: print(message, file=sys
         summaries = summarize(records)
         env = environment(pair, sys.argv, process.world_size)
         files = write_report(Path(options.out), records, summaries, env, cost_model)
-        return BenchOutcome(markdown_table(summaries), files)
+        return BenchOutcome(markdown_table(summaries), files, inexact_methods(summaries))
     finally:
         distributed.finish(process)
 
