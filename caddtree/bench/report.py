@@ -116,8 +116,8 @@ def write_markdown(path: Path, summaries: list[DatasetSummary], env: dict, plots
         "",
         markdown_table(summaries),
         "",
-        "tokens/s and ms/token time decoding only (prefill excluded), except `hf-generate` "
-        "(transformers' own `generate`, the outside reference), which is timed with its prefill. "
+        "tokens/s and ms/token time decoding only (prefill and its token excluded), `hf-generate` "
+        "(transformers' own `generate`, the outside reference) too: from its first new token to its last. "
         "Speed-up is over `ar` of the same engine on the same prompts. τ: tokens per round, the "
         "target's own token included. Budget: tree nodes per round, mean ± std. The oracle is the "
         "ddtree budget with the best tokens/s per dataset, picked after the fact. = ar (greedy runs): how many "

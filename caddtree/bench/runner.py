@@ -20,7 +20,7 @@ from caddtree.decode.policy import RULES, make_policy
 from caddtree.decode.sampling import Sampling
 from caddtree.models.target import encode_chat
 
-HF_GENERATE = "hf-generate"  # transformers' own generate: the outside reference, prefill included
+HF_GENERATE = "hf-generate"  # transformers' own generate: the outside reference
 WARM_UP_TOKENS = 16
 
 
@@ -54,7 +54,7 @@ class Decoded:
     """What one method's decoding of one prompt produced, and how long it took."""
 
     tokens: list[int]
-    decoded_tokens: int  # tokens produced by timed rounds (the prefill's token excluded, except hf-generate)
+    decoded_tokens: int  # tokens produced by timed rounds (the prefill's token excluded)
     seconds: float
     budgets: list[int]  # tree size per round
     emitted: list[int]  # tokens per round
@@ -159,18 +159,37 @@ class BenchRunner:
 
     @torch.inference_mode()
     def _hf_generate(self, prompt_ids, max_new_tokens: int) -> Decoded:
-        """transformers' greedy generate, timed with its prefill (it does not report the two apart)."""
+        """transformers' own generate, greedy or sampling at the bench's temperature, timed like the
+        other methods: from its first new token (the end of its prefill) to its last."""
         target, eos_ids = self.pair.target, sorted(self.pair.engine.eos_ids)
         input_ids = prompt_ids[None].to(target.device)
         max_new_tokens = min(max_new_tokens, target.max_positions - len(prompt_ids))
-        synchronize(target.device)
-        start = time.perf_counter()
+        sampling = {} if self.sampling.greedy else {"temperature": self.sampling.temperature, "top_k": 0, "top_p": 1.0}
+        clock = _FirstTokenClock(target.device)
         output = target.model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-            do_sample=False, eos_token_id=eos_ids or None, pad_token_id=eos_ids[0] if eos_ids else None,
+            do_sample=not self.sampling.greedy, eos_token_id=eos_ids or None,
+            pad_token_id=eos_ids[0] if eos_ids else None, streamer=clock, **sampling,
         )
         synchronize(target.device)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - clock.first_token_at
         tokens = output[0, len(prompt_ids):].tolist()
-        return Decoded(tokens, len(tokens), seconds, [0] * len(tokens), [1] * len(tokens))  # one token per forward
+        decoded = len(tokens) - 1  # the prefill's token is not timed, as for the other methods
+        return Decoded(tokens, decoded, seconds, [0] * decoded, [1] * decoded)  # one token per forward
 
+
+class _FirstTokenClock:
+    """A transformers streamer that notes when the first new token arrives (its first `put` is
+    the prompt; the second, the token the prefill chose)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.puts, self.first_token_at = device, 0, time.perf_counter()
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            synchronize(self.device)
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
