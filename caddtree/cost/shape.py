@@ -12,13 +12,13 @@ NOISE = 0.05  # deviations under 5% of the cost are read as timing noise
 
 def convexity_statement(sizes, seconds, noise: float = NOISE) -> str:
     """'convex' or where it is not: the measured point that lies furthest above the chord of its
-    neighbours, relative to its own cost."""
+    neighbours, as a share of the chord's value there."""
     n, cost = np.asarray(sizes, dtype=float), np.asarray(seconds, dtype=float)
     if len(n) < 3:
         return "too few sizes to judge convexity"
     weight = (n[1:-1] - n[:-2]) / (n[2:] - n[:-2])
     chord = cost[:-2] + weight * (cost[2:] - cost[:-2])
-    excess = (cost[1:-1] - chord) / cost[1:-1]
+    excess = (cost[1:-1] - chord) / chord
     worst = int(np.argmax(excess))
     if excess[worst] <= noise:
         return f"convex (within {noise:.0%} timing noise)"
@@ -30,7 +30,7 @@ def monotonicity_statement(sizes, seconds, noise: float = NOISE) -> str:
     """'non-decreasing' or the largest drop: a smaller tree that costs more than a larger one."""
     n, cost = np.asarray(sizes, dtype=float), np.asarray(seconds, dtype=float)
     later_min = np.minimum.accumulate(cost[::-1])[::-1]  # cheapest cost at this size or larger
-    drop = (cost - later_min) / cost
+    drop = (cost - later_min) / later_min  # how much more than the cheaper, larger tree
     worst = int(np.argmax(drop))
     if drop[worst] <= noise:
         return f"non-decreasing (within {noise:.0%} timing noise)"
