@@ -440,3 +440,24 @@ def test_compare_ar_on_an_exact_method_says_identical(capsys, models):
                                                    "--compare-ar", "--max-new-tokens", "12"))
     assert code == 0, err
     assert "speed-up of ddtree over ar" in out and "(identical output)" in out
+
+
+def _truncate(path, keep):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: (d / "model.safetensors").write_bytes(b"garbage" * 10), "deserializing header"),
+    (lambda d: _truncate(d / "model.safetensors", 5000), "deserializing header"),
+    (lambda d: _truncate(d / "config.json", 40), "not a valid JSON"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "llama", "hidden_size": "big"}'), "hidden_size"),
+    (lambda d: _truncate(d / "tokenizer.json", 40), "could not load target"),
+    (lambda d: (d / "tokenizer.json").write_bytes(b"\xff\xfe garbage"), "could not load target"),
+])
+def test_a_damaged_target_directory_is_one_line(capsys, models, tmp_path, damage, words):
+    import shutil
+
+    target = tmp_path / "damaged"
+    shutil.copytree(models["target"], target)
+    damage(target)
+    assert_user_error(capsys, generate_args(models, "w3", target=target), "could not load target", words)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
@@ -105,7 +107,8 @@ def _from_pretrained(spec: str, location: str, dtype: torch.dtype, extra: dict):
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **extra)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, StrictDataclassError) as error:
+        # missing, corrupt or malformed weights, config or tokenizer files
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CaddtreeError(f"could not load target {spec!r}: {first_line}") from error
     return tokenizer, model
