@@ -125,3 +125,42 @@ def test_a_draft_vocabulary_keeps_every_method_exact_and_drafts_only_its_tokens(
             assert engine.generate(prompt, policy, 25).tokens == expected, policy.name
     drafted = torch.cat(verified)
     assert len(drafted) > 100 and torch.isin(drafted, draft_vocab).all()
+
+
+def tiny_of(config_class, model_class, **extra):
+    from tiny import tiny_tokenizer
+    from caddtree.models.target import Target
+
+    shape = dict(vocab_size=24, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=False,
+                 initializer_range=0.3, eos_token_id=1)
+    torch.manual_seed(0)
+    return Target(model_class(config_class(**shape, **extra)).eval(), tiny_tokenizer(24), config_class.model_type)
+
+
+def test_a_sliding_window_target_is_exact_inside_its_window_and_refused_beyond():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from caddtree.errors import CaddtreeError
+
+    target = tiny_of(MistralConfig, MistralForCausalLM, sliding_window=40)
+    engine = Engine(target, random_drafter(target, num_layers=1, block_size=5, seed=1))
+    engine.eos_ids = set()
+    prompt = random_prompts(1, 24, seed=2)[0][:10]
+    expected = greedy_reference(target, prompt, 20, set())
+    for policy in (make_policy("ar"), make_policy("dflash"), make_policy("ddtree", 12)):
+        assert engine.generate(prompt, policy, 20).tokens == expected, policy.name
+    with pytest.raises(CaddtreeError, match="sliding window of 40 tokens"):
+        engine.generate(prompt, make_policy("ddtree", 12), 40)
+    assert engine.generate(prompt, make_policy("ar"), 40).tokens == greedy_reference(target, prompt, 40, set())
+
+
+def test_a_target_with_attention_softcapping_is_refused_in_one_line():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from caddtree.errors import CaddtreeError
+
+    target = tiny_of(Gemma2Config, Gemma2ForCausalLM, attn_logit_softcapping=50.0)
+    with pytest.raises(CaddtreeError, match="soft-caps its attention logits") as caught:
+        Engine(target, random_drafter(target, num_layers=1, block_size=5))
+    assert "\n" not in str(caught.value)

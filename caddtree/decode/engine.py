@@ -14,7 +14,7 @@ from caddtree.decode.stats import GenerationResult, RoundRecord
 from caddtree.errors import CaddtreeError
 from caddtree.models.drafter import DFlashDrafter
 from caddtree.models.static_runner import BUCKETS, StaticTargetRunner
-from caddtree.models.target import Target, TargetRunner
+from caddtree.models.target import Target, TargetRunner, check_tree_verification, check_within_window
 from caddtree.tree.draft_tree import DraftTree
 
 
@@ -40,6 +40,7 @@ class Engine:
 
     def __init__(self, target: Target, drafter: DFlashDrafter | None = None, static_shapes: bool | None = None):
         """`static_shapes` (default: on CUDA) verifies with fixed shapes, replayed as CUDA graphs on a GPU."""
+        check_tree_verification(target)
         self.target = target
         on_gpu = target.device.type == "cuda"
         static_shapes = on_gpu if static_shapes is None else static_shapes
@@ -62,6 +63,8 @@ class Engine:
         device = self.target.device
         prompt_ids = prompt_ids.to(device)
         max_new_tokens = min(max_new_tokens, self.target.max_positions - len(prompt_ids))
+        if policy.uses_drafter:
+            check_within_window(self.target, len(prompt_ids) + max_new_tokens + self.drafts.block_size)
         self.verifier.reserve(len(prompt_ids) + max_new_tokens + LARGEST_BUCKET)
         if self.drafts is not None:
             self.drafts.reserve(len(prompt_ids) + max_new_tokens)

@@ -87,6 +87,33 @@ class Target:
     def max_positions(self) -> int:
         return getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
 
+    @property
+    def attention_window(self) -> int | None:
+        """The sliding window of (some of) its attention layers; None where they see everything."""
+        config = self.model.config
+        window = getattr(config, "sliding_window", None)
+        if window is None or not getattr(config, "use_sliding_window", True):
+            return None
+        layer_types = getattr(config, "layer_types", None)
+        return window if layer_types is None or "sliding_attention" in layer_types else None
+
+
+def check_tree_verification(target: Target) -> None:
+    """Refuse what tree verification cannot do exactly yet: attention logit soft-capping (Gemma-2)."""
+    softcap = getattr(target.model.config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise CaddtreeError(f"{target.name} soft-caps its attention logits (at {softcap}); caddtree's tree "
+                            "verification does not support that yet, so it would not be exact")
+
+
+def check_within_window(target: Target, tokens: int) -> None:
+    """A tree sees the whole context: exact only while all of it fits a sliding window."""
+    window = target.attention_window
+    if window is not None and tokens > window:
+        raise CaddtreeError(f"{target.name} attends over a sliding window of {window} tokens; verifying draft trees "
+                            f"is exact only within it, and prompt + new tokens + draft need {tokens}: use fewer "
+                            "new tokens, a shorter prompt, or --method ar")
+
 
 def load_target(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Target:
     """Load a target from a hub id, a local directory or a GGUF file (default: SmolLM2 GGUF), or a
