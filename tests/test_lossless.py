@@ -164,3 +164,16 @@ def test_a_target_with_attention_softcapping_is_refused_in_one_line():
     with pytest.raises(CaddtreeError, match="soft-caps its attention logits") as caught:
         Engine(target, random_drafter(target, num_layers=1, block_size=5))
     assert "\n" not in str(caught.value)
+
+
+def test_fixed_shape_verification_takes_a_tree_larger_than_its_largest_bucket():
+    from caddtree.models.static_runner import BUCKETS
+
+    target = tiny_target("llama", vocab_size=24, seed=6)
+    engine = Engine(target, random_drafter(target, num_layers=1, block_size=5, seed=2), static_shapes=True)
+    engine.eos_ids = set()
+    prompt = random_prompts(1, 24, seed=3)[0]
+    budget = BUCKETS[-1] + 500
+    result = engine.generate(prompt, make_policy("ddtree", budget), 6)
+    assert result.tokens == greedy_reference(target, prompt, 6, set())
+    assert max(r.budget for r in result.rounds) > BUCKETS[-1]

@@ -65,7 +65,8 @@ class Engine:
         max_new_tokens = min(max_new_tokens, self.target.max_positions - len(prompt_ids))
         if policy.uses_drafter:
             check_within_window(self.target, len(prompt_ids) + max_new_tokens + self.drafts.block_size)
-        self.verifier.reserve(len(prompt_ids) + max_new_tokens + LARGEST_BUCKET)
+        largest_tree = policy.largest_tree(self.drafts.block_size - 1 if self.drafts else 0)
+        self.verifier.reserve(len(prompt_ids) + max_new_tokens + max(LARGEST_BUCKET, largest_tree + 1))
         if self.drafts is not None:
             self.drafts.reserve(len(prompt_ids) + max_new_tokens)
         generator = torch.Generator(device=device).manual_seed(seed)

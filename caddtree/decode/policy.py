@@ -33,12 +33,19 @@ class Policy:
         """Asked before each round of a drafting policy: is the drafter worth running?"""
         return True
 
+    def largest_tree(self, draft_len: int) -> int:
+        """The most nodes a round may verify, for drafts of `draft_len` positions."""
+        return draft_len
+
 
 class Autoregressive(Policy):
     """Plain decoding: no drafter, one target token per round."""
 
     name = "ar"
     uses_drafter = False
+
+    def largest_tree(self, draft_len: int) -> int:
+        return 0
 
     def build(self, log_probs: torch.Tensor, context_len: int) -> DraftTree:
         raise AssertionError("autoregressive decoding builds no tree")
@@ -61,6 +68,9 @@ class FixedBudget(Policy):
     budget: int
     name = "ddtree"
     uses_drafter = True
+
+    def largest_tree(self, draft_len: int) -> int:
+        return self.budget
 
     def build(self, log_probs, context_len):
         ranked = rank_nodes(log_probs, self.budget)
@@ -120,6 +130,9 @@ class CostAware(Policy):
 
     def should_draft(self) -> bool:
         return self._skip.should_draft() if self.calibrate else True  # uncalibrated: the paper's rule
+
+    def largest_tree(self, draft_len: int) -> int:
+        return self.max_nodes
 
     def build(self, log_probs, context_len):
         ranked = rank_nodes(log_probs, self.max_nodes)
