@@ -93,3 +93,60 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
 def test_bad_sampling_arguments(arguments, message):
     with pytest.raises(CaddtreeError, match=message):
         Sampling(**arguments)
+
+
+# --- deeper trees: several rounds, acceptance over several levels --------------------------------
+
+DEEP_TOKENS = 5
+DEEP_PROMPT = torch.tensor([2, 3])
+DEEP_SAMPLING = Sampling(1.0, top_k=2)  # two choices per step: 32 possible sequences, each sampled often
+
+
+@pytest.fixture(scope="module")
+def deep_engine():
+    target = tiny_target("llama", vocab_size=12, layers=2, seed=5)
+    engine = Engine(target, random_drafter(target, num_layers=1, block_size=4, seed=3))
+    engine.eos_ids = set()
+    return engine
+
+
+def deep_sequence_probabilities(target, prefix=(), probability=1.0) -> dict[tuple, float]:
+    """Exact P(sequence) under the target alone, expanding only the tokens the sampler can draw."""
+    if len(prefix) == DEEP_TOKENS:
+        return {prefix: probability}
+    with torch.no_grad():
+        logits = target.model(torch.tensor([DEEP_PROMPT.tolist() + list(prefix)])).logits[0, -1:]
+    step = DEEP_SAMPLING.probabilities(logits)[0]
+    sequences = {}
+    for token in step.nonzero().flatten().tolist():
+        sequences.update(deep_sequence_probabilities(target, prefix + (token,), probability * float(step[token])))
+    return sequences
+
+
+def deep_p_value(engine, policy, probabilities, count: int = 3000) -> tuple[float, int]:
+    """Goodness of fit of `count` sampled sequences, and the most tokens any round emitted."""
+    results = [engine.generate(DEEP_PROMPT, policy, DEEP_TOKENS, DEEP_SAMPLING, seed=seed) for seed in range(count)]
+    counts = Counter(tuple(r.tokens) for r in results)
+    longest_round = max(r.emitted for result in results for r in result.rounds)
+    if any(sequence not in probabilities for sequence in counts):
+        return 0.0, longest_round  # a sequence the target alone can never produce
+    return chi_square_p_value(counts, probabilities), longest_round
+
+
+def test_deep_trees_sample_the_target_distribution_over_several_levels(deep_engine):
+    probabilities = deep_sequence_probabilities(deep_engine.target)
+    assert len(probabilities) == 2**DEEP_TOKENS and abs(sum(probabilities.values()) - 1) < 1e-4
+    p_value, longest_round = deep_p_value(deep_engine, make_policy("ddtree", 40), probabilities)
+    assert longest_round >= 3, "no round accepted two draft levels: the test would exercise only depth 1"
+    assert p_value > 1e-3
+
+
+def test_a_walk_biased_towards_the_draft_fails_the_deep_check(deep_engine, monkeypatch):
+    """The check above has power: a walk that always takes the first child is caught."""
+    from caddtree.decode import engine as engine_module
+
+    real_walk = engine_module.accepted_path
+    monkeypatch.setattr(engine_module, "accepted_path", lambda tree, choices, length: real_walk(
+        tree, torch.cat([tree.tokens[:1], choices[1:]]) if tree.size else choices, length))
+    p_value, _ = deep_p_value(deep_engine, make_policy("ddtree", 40), deep_sequence_probabilities(deep_engine.target))
+    assert p_value < 1e-3
