@@ -106,7 +106,9 @@ def test_fixed_shape_verification_is_lossless(arch):
     engine.eos_ids = set()
     for prompt in random_prompts(3, 24, seed=7):
         expected = greedy_reference(target, prompt, 40, set())
-        for policy in (make_policy("ar"), make_policy("dflash"), make_policy("ddtree", 5), make_policy("ddtree", 40)):
+        for policy in (make_policy("ar"), make_policy("dflash"), make_policy("ddtree", 5), make_policy("ddtree", 40),
+                       make_policy("caddtree", None, "exact", flat_cost_model(1e-6)),
+                       make_policy("caddtree", None, "greedy", flat_cost_model(1e-3))):
             assert engine.generate(prompt, policy, 40).tokens == expected, policy.name
 
 
