@@ -21,7 +21,7 @@ from caddtree.decode.sampling import Sampling
 from caddtree.decode.stats import GenerationResult
 from caddtree.errors import CaddtreeError
 from caddtree.models.drafter_io import load_drafter, random_drafter
-from caddtree.models.target import Target, encode_prompt, load_target
+from caddtree.models.target import Target, encode_chat, load_target
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DRAFTER_DIR = Path(__file__).parent / "assets" / "drafter"
@@ -99,15 +99,19 @@ class Pair:
             return self._auto_cost_model
         return CostModel.load(spec, expect_meta=cost_meta(self.engine, self.drafter_name))
 
-    def generate(self, prompt: str, method: str = "caddtree", budget: int | None = None,
+    def generate(self, prompt: str | list[dict], method: str = "caddtree", budget: int | None = None,
                  rule: str = "exact", temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  max_new_tokens: int = 256, seed: int = 0, raw: bool = False,
                  cost_model: str | CostModel | None = "auto", calibrate: bool = True,
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
-        """Generate a reply to `prompt`; `on_text` receives the text as it grows (streaming)."""
+                 on_text: Callable[[str], bool | None] | None = None) -> GenerationResult:
+        """Generate a reply to `prompt` (text, or a conversation: [{"role": ..., "content": ...}, ...]).
+
+        `on_text` receives the text as it grows (streaming); returning True ends the generation
+        after that piece (`finish_reason` "caller")."""
         sampling = Sampling(temperature, top_p, top_k)
         check_policy_arguments(method, budget, rule)
-        prompt_ids = encode_prompt(self.target, prompt, raw)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        prompt_ids = encode_chat(self.target, messages, raw)
         model = self.cost_model(cost_model, on_text is not None) if method == "caddtree" else None
         policy = make_policy(method, budget, rule, model, calibrate)
         on_tokens = _text_streamer(self.target.tokenizer, on_text) if on_text else None
@@ -116,19 +120,19 @@ class Pair:
         return result
 
 
-def _text_streamer(tokenizer, on_text: Callable[[str], None]) -> Callable[[list[int]], None]:
+def _text_streamer(tokenizer, on_text: Callable[[str], bool | None]) -> Callable[[list[int]], bool | None]:
     """Turns token chunks into text increments (decoding the whole so far keeps multi-byte text whole)."""
     tokens: list[int] = []
     shown = 0
 
-    def on_tokens(chunk: list[int]) -> None:
+    def on_tokens(chunk: list[int]) -> bool | None:
         nonlocal shown
         tokens.extend(chunk)
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete character: wait for the rest
-            return
-        on_text(text[shown:])
-        shown = len(text)
+            return None
+        piece, shown = text[shown:], len(text)
+        return on_text(piece)
 
     return on_tokens
 

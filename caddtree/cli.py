@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(generate)
 
     _add_bench_parser(commands)
+    _add_serve_parser(commands)
 
     profile = commands.add_parser("profile", help="measure and fit the cost model Cv(n; l), Cd on this hardware")
     profile.add_argument("--out", help="where to write the JSON (default: the cache that --cost-model auto reads)")
@@ -194,6 +195,24 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--no-hf-generate", dest="hf_generate", action="store_false",
                        help="skip transformers' generate, the outside reference")
     _add_model_arguments(bench)
+
+
+def _add_serve_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server over the loaded pair")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_int, default=8000, help="default 8000")
+    serve.add_argument("--api-key", help="require the header Authorization: Bearer KEY on /v1/ requests")
+    serve.add_argument("--model-name", help="the model id clients ask for (default: the target's name)")
+    serve.add_argument("--method", default="caddtree", choices=["ar", "dflash", "ddtree", "caddtree"])
+    serve.add_argument("--budget", type=_non_negative_int,
+                       help="ddtree: tree size (default 64); caddtree: largest tree considered")
+    serve.add_argument("--rule", default="exact", choices=["greedy", "exact"], help="caddtree's budget rule")
+    serve.add_argument("--cost-model", default="auto", help="cost-model JSON, or auto (profile once, cached)")
+    serve.add_argument("--max-queue", type=_positive_int, default=16,
+                       help="requests that may wait for their turn; more are answered 503 at once (default 16)")
+    serve.add_argument("--max-tokens", type=_positive_int, default=256,
+                       help="new tokens of a request that does not say (default 256)")
+    _add_model_arguments(serve)
 
 
 def _say(message: str) -> None:
@@ -414,11 +433,43 @@ def _training_examples(args, target, prompts: list[str], out):
     return examples
 
 
+def run_serve(args) -> None:
+    import uvicorn
+
+    from caddtree.decode.policy import check_policy_arguments
+    from caddtree.server.app import create_app
+
+    check_policy_arguments(args.method, args.budget, args.rule)
+    if not 0 < args.port < 65536:
+        raise CaddtreeError(f"--port must be in 1..65535, got {args.port}")
+    if args.cost_model != "auto" and args.method == "caddtree" and not os.path.isfile(args.cost_model):
+        raise CaddtreeError(f"cost model file not found: {args.cost_model}")
+    _check_bindable(args.host, args.port)  # before the slow load
+    pair = _load(args)
+    cost_model = pair.cost_model(args.cost_model) if args.method == "caddtree" else None  # profiled now, not mid-request
+    options = {"method": args.method, "budget": args.budget, "rule": args.rule, "cost_model": cost_model}
+    name = args.model_name or pair.target.name
+    app = create_app(pair, name, options, args.max_queue, args.api_key, args.max_tokens)
+    _say(f"serving {name!r} with {args.method} on http://{args.host}:{args.port}/v1 (ctrl-c or SIGTERM stops)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+
+
+def _check_bindable(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:  # the port is taken, the address is not this machine's
+        raise CaddtreeError(f"cannot serve on {host}:{port}: {error.strerror or error}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _quiet_libraries()
-        commands = {"generate": run_generate, "bench": run_bench, "profile": run_profile, "train-drafter": run_train_drafter}
+        commands = {"generate": run_generate, "bench": run_bench, "profile": run_profile,
+                    "train-drafter": run_train_drafter, "serve": run_serve}
         commands[args.command](args)
     except CaddtreeError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

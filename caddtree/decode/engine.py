@@ -54,8 +54,9 @@ class Engine:
 
     def generate(self, prompt_ids: torch.Tensor, policy, max_new_tokens: int = 256,
                  sampling: Sampling = Sampling(), seed: int = 0,
-                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
-        """Decode after `prompt_ids` (1-D) with `policy`; `on_tokens` receives each new chunk."""
+                 on_tokens: Callable[[list[int]], bool | None] | None = None) -> GenerationResult:
+        """Decode after `prompt_ids` (1-D) with `policy`; `on_tokens` receives each new chunk and may
+        return True to end the generation there (a stop sequence, a client gone)."""
         if policy.uses_drafter and self.drafts is None:
             raise CaddtreeError(f"method {policy.name!r} needs a drafter")
         if max_new_tokens < 1:
@@ -128,6 +129,10 @@ class Engine:
         eos_at = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
         kept = tokens[: min(room, len(tokens) if eos_at is None else eos_at + 1)]
         result.tokens.extend(kept)
-        if on_tokens and kept:
-            on_tokens(kept)
-        return len(kept), eos_at is not None and eos_at < room or result.new_tokens >= max_new_tokens
+        if eos_at is not None and eos_at < room:
+            result.finish_reason = "eos"
+        elif result.new_tokens >= max_new_tokens:
+            result.finish_reason = "length"
+        if on_tokens and kept and on_tokens(kept) and result.finish_reason is None:
+            result.finish_reason = "caller"
+        return len(kept), result.finish_reason is not None

@@ -23,6 +23,7 @@ class GenerationResult:
     text: str = ""
     prefill_seconds: float = 0.0
     rounds: list[RoundRecord] = field(default_factory=list)
+    finish_reason: str | None = None  # "eos", "length", or "caller" (on_tokens asked to stop)
 
     @property
     def new_tokens(self) -> int:
@@ -77,4 +78,5 @@ class GenerationResult:
             "drafted_share": self.drafted_share,
             "prefill_seconds": self.prefill_seconds,
             "decode_seconds": self.decode_seconds,
+            "finish_reason": self.finish_reason,
         }
