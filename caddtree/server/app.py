@@ -92,7 +92,7 @@ def create_app(pair, model_name: str, generate_options: dict, max_queue: int = 1
             raise ClientError(404, f"model {body.model!r} is not served here; this server serves {model_name!r}",
                               "model_not_found")
         options = {"max_new_tokens": body.new_tokens(default_max_tokens), "temperature": body.temperature,
-                   "top_p": body.top_p, "seed": body.seed if body.seed is not None else 0}
+                   "top_p": body.top_p, "seed": body.seed if body.seed is not None else secrets.randbelow(2**31)}
         job = GenerationJob(prompt, raw, options, body.stop, asyncio.get_running_loop())
         try:
             state["worker"].submit(job)
@@ -103,7 +103,7 @@ def create_app(pair, model_name: str, generate_options: dict, max_queue: int = 1
         if kind == "error":
             raise ClientError(*value)
         if body.stream:
-            return StreamingResponse(stream(request, job, reply), media_type="text/event-stream")
+            return StreamingResponse(stream(job, reply), media_type="text/event-stream")
         return await whole(request, job, reply)
 
     return app
@@ -119,7 +119,8 @@ def parse(model, raw: bytes):
 
 
 async def next_event(request: Request, job: GenerationJob):
-    """The job's next event; a client that has gone cancels the job (it ends at the next round)."""
+    """The job's next event; a client that has gone cancels the job (it ends at the next round).
+    (Streams learn of a departure from Starlette, which cancels them: see `stream`.)"""
     while True:
         try:
             return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_SECONDS)
@@ -142,14 +143,14 @@ async def whole(request: Request, job: GenerationJob, reply: Reply) -> JSONRespo
             return JSONResponse(reply.whole("".join(pieces), finish_reason, result))
 
 
-async def stream(request: Request, job: GenerationJob, reply: Reply):
+async def stream(job: GenerationJob, reply: Reply):
     """Server-sent events: OpenAI chunks, the statistics in the last one, then [DONE]."""
     finished = False
     try:
         if reply.chat:
             yield sse(reply.chunk(first=True))
         while not finished:
-            kind, value = await next_event(request, job)
+            kind, value = await job.events.get()
             if kind == "text":
                 yield sse(reply.chunk(text=value))
             elif kind == "error":
