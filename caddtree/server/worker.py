@@ -83,6 +83,8 @@ class GenerationWorker:
             self.running = job
             try:
                 outcome = self._run(job)
+            except RuntimeError:  # its event loop is gone (the server is stopping): nobody to answer
+                outcome = "failed"
             finally:
                 self.running = None
             self.counts["cancelled" if job.cancelled.is_set() else outcome] += 1
