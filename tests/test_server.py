@@ -81,12 +81,18 @@ class Server:
         return self.process.returncode, err
 
 
+def stopped_cleanly(code: int, err: str) -> bool:
+    """uvicorn shuts down gracefully on SIGTERM, then re-raises the signal: exit 0 or by SIGTERM,
+    with the server's own closing line and no traceback."""
+    return code in (0, -signal.SIGTERM) and "server stopped" in err and "Traceback" not in err
+
+
 @pytest.fixture(scope="module")
 def server(model_dirs, tmp_path_factory):
     running = Server(model_dirs, tmp_path_factory.mktemp("cache"), "--max-queue", "64")
     yield running
     code, err = running.stop()
-    assert code == 0 and "Traceback" not in err, err
+    assert stopped_cleanly(code, err), (code, err)
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +123,13 @@ def test_chat_and_completion_equal_ar(client, ar_texts, prompt):
     chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}],
                                           max_tokens=12, temperature=0)
     assert chat.choices[0].message.content == ar_texts[prompt, False]
-    assert chat.usage.completion_tokens == 12 and chat.usage.prompt_tokens > 0
+    assert chat.usage.prompt_tokens > 0  # the tiny model may end its reply before 12 tokens
+    assert (chat.usage.completion_tokens == 12) == (chat.choices[0].finish_reason == "length")
     stats = chat.model_extra["caddtree"]
     assert stats["method"] == "caddtree" and stats["tau"] >= 1 and stats["rounds"] >= 1
     completion = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
     assert completion.choices[0].text == ar_texts[prompt, True]
-    assert completion.choices[0].finish_reason == "length"
+    assert (completion.usage.completion_tokens == 12) == (completion.choices[0].finish_reason == "length")
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -132,10 +139,17 @@ def test_streams_carry_the_same_text_and_end_with_statistics(client, ar_texts, p
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ar_texts[prompt, False]
     assert chunks[0].choices[0].delta.role == "assistant"
     last = chunks[-1]
-    assert last.choices[0].finish_reason == "length" and last.usage.completion_tokens == 12
+    assert (last.usage.completion_tokens == 12) == (last.choices[0].finish_reason == "length")
+    assert last.usage.completion_tokens == chat_tokens(client, prompt)
     assert last.model_extra["caddtree"]["rounds"] >= 1
     pieces = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True))
     assert "".join(p.choices[0].text for p in pieces) == ar_texts[prompt, True]
+
+
+def chat_tokens(client, prompt: str) -> int:
+    reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=12, temperature=0)
+    return reply.usage.completion_tokens
 
 
 def test_the_raw_stream_ends_with_done(server):
@@ -270,7 +284,7 @@ def test_auth(model_dirs, tmp_path):
             openai.OpenAI(base_url=server.url, api_key="nope", max_retries=0).models.list()
         assert server.health()["status"] == "ok"  # health needs no key
     finally:
-        assert server.stop()[0] == 0
+        assert stopped_cleanly(*server.stop())
 
 
 def test_a_full_queue_answers_503_at_once(model_dirs, tmp_path):
@@ -285,7 +299,7 @@ def test_a_full_queue_answers_503_at_once(model_dirs, tmp_path):
         assert busy["error"]["code"] == "queue_full"
         assert post(server, "/completions", payload)[0] == 200  # and serving goes on
     finally:
-        assert server.stop()[0] == 0
+        assert stopped_cleanly(*server.stop())
 
 
 def test_sigterm_finishes_the_reply_in_flight_and_exits_cleanly(model_dirs, tmp_path):
@@ -298,7 +312,7 @@ def test_sigterm_finishes_the_reply_in_flight_and_exits_cleanly(model_dirs, tmp_
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
     code, err = server.stop()
-    assert code == 0 and "Traceback" not in err, err
+    assert stopped_cleanly(code, err), (code, err)
 
 
 def test_serve_argument_errors(capsys):

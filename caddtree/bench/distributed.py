@@ -74,4 +74,7 @@ def gather(process: Process, items: list[Item]) -> list[Item] | None:
 
 def finish(process: Process) -> None:
     if process.distributed and dist.is_initialized():
+        # Leave together: a rank that tears gloo down while rank 0 still drains the gather aborts
+        # ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()

@@ -25,7 +25,8 @@ FULL_CONTEXTS = (128, 512, 1536)
 # Size 0 is the root alone: the cost of a plain autoregressive step, the baseline every tree must beat.
 QUICK_CONTEXTS = (64, 512)
 # A CPU verifies a few hundred tokens in seconds; a GPU verifies 1024 in milliseconds.
-QUICK_SIZES = {"cpu": (0, 1, 2, 4, 8, 16, 32, 64, 128), "cuda": (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)}
+# Small trees are where a CPU's best budgets lie, and its cost curve is not smooth there.
+QUICK_SIZES = {"cpu": (0, 1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 64), "cuda": (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)}
 
 
 def device_label(device: torch.device) -> str:
@@ -51,16 +52,22 @@ def cost_meta(engine: Engine, drafter_name: str) -> dict:
     }
 
 
-def _timed(run, repeats: int, device: torch.device) -> float:
-    """Median wall seconds of `run()` over `repeats` calls, after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _timed(runs: list, repeats: int, device: torch.device) -> list[float]:
+    """Median wall seconds of each of `runs` over `repeats` calls, after one warm-up call each.
+
+    The calls go round-robin over `runs`, so a burst of noise on the machine spreads over all
+    shapes instead of shifting one shape's every sample (which made the cost curve jagged).
+    """
+    for run in runs:
         run()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, samples in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def _random_tree(draft_len: int, vocab: int, nodes: int, generator: torch.Generator, device):
@@ -92,19 +99,18 @@ def profile(engine: Engine, drafter_name: str, sizes=FULL_SIZES, contexts=FULL_C
     engine.verifier.reserve(max(contexts) + max(sizes) + 1)
     engine.drafts.reserve(max(contexts))
     verify_seconds, draft_seconds = [], []
-    steps = tqdm(total=len(contexts) * (len(sizes) + 1), desc="profiling", disable=not show_progress, unit="shape")
+    steps = tqdm(total=len(contexts), desc="profiling", disable=not show_progress, unit="context")
     for context_len in contexts:
         prompt = torch.randint(0, vocab, (context_len,), generator=generator).to(device)
         _, features = engine.verifier.prefill(prompt)
         engine.drafts.reset()
         engine.drafts.extend(features, torch.arange(context_len, device=device))
-        draft_seconds.append(_timed(lambda: engine.drafts.draft(root, context_len, draft_len), repeats, device))
-        steps.update()
-        row = []
-        for n in sizes:
-            row.append(_timed(lambda: _verify_once(engine, trees[n], root), repeats, device))
-            steps.update()
+        draft = lambda: engine.drafts.draft(root, context_len, draft_len)
+        verifies = [lambda n=n: _verify_once(engine, trees[n], root) for n in sizes]
+        draft_time, *row = _timed([draft, *verifies], repeats, device)
+        draft_seconds.append(draft_time)
         verify_seconds.append(row)
+        steps.update()
     steps.close()
     return CostModel.fit(cost_meta(engine, drafter_name), list(contexts), list(sizes), verify_seconds, draft_seconds)
 
@@ -120,6 +126,6 @@ def auto_cost_model(engine: Engine, drafter_name: str, show_progress: bool = Tru
             pass  # written by an older caddtree, or damaged: a cache is remade, not reported
     contexts = [c for c in QUICK_CONTEXTS if c + engine.drafts.block_size < engine.target.max_positions] or [1]
     sizes = QUICK_SIZES.get(engine.target.device.type, QUICK_SIZES["cpu"])
-    model = profile(engine, drafter_name, sizes, contexts, repeats=2, show_progress=show_progress)
+    model = profile(engine, drafter_name, sizes, contexts, repeats=5, show_progress=show_progress)
     model.save(path)
     return model

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sys
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from caddtree.server.protocol import ChatRequest, CompletionRequest, Reply, error_body
-from caddtree.server.worker import GenerationJob, GenerationWorker, QueueFull
+from caddtree.server.worker import OUTCOMES, GenerationJob, GenerationWorker, QueueFull
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                500: "server_error", 503: "server_error"}
@@ -45,7 +46,10 @@ def create_app(pair, model_name: str, generate_options: dict, max_queue: int = 1
     async def lifespan(_app):
         state["worker"] = GenerationWorker(pair, generate_options, max_queue)
         yield
-        await asyncio.get_running_loop().run_in_executor(None, state["worker"].stop)
+        worker = state["worker"]
+        await asyncio.get_running_loop().run_in_executor(None, worker.stop)
+        counts = ", ".join(f"{worker.counts[outcome]} {outcome}" for outcome in OUTCOMES)
+        print(f"server stopped: {counts}", file=sys.stderr, flush=True)
 
     app = FastAPI(title="caddtree", lifespan=lifespan)
 
@@ -70,7 +74,7 @@ def create_app(pair, model_name: str, generate_options: dict, max_queue: int = 1
     async def health():
         worker = state["worker"]
         return {"status": "ok", "model": model_name, "waiting": worker.waiting, "running": worker.running is not None,
-                **{outcome: worker.counts[outcome] for outcome in ("completed", "cancelled", "rejected", "failed")}}
+                **{outcome: worker.counts[outcome] for outcome in OUTCOMES}}
 
     @app.get("/v1/models")
     async def models():

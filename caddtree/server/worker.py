@@ -9,6 +9,7 @@ or an error. A cancelled job (its client left, or the server is stopping) ends a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections import Counter
@@ -17,6 +18,9 @@ from dataclasses import dataclass, field
 from caddtree.errors import CaddtreeError
 from caddtree.models.target import encode_chat
 from caddtree.server.protocol import StopScanner
+
+
+OUTCOMES = ("completed", "cancelled", "rejected", "failed")  # how a job can end
 
 
 class QueueFull(Exception):
@@ -47,7 +51,7 @@ class GenerationWorker:
         self.generate_options = generate_options  # the server's method, budget, rule, cost model
         self.jobs: queue.Queue[GenerationJob | None] = queue.Queue(maxsize=max_queue)
         self.running: GenerationJob | None = None
-        self.counts = Counter()  # finished jobs by outcome: completed, cancelled, rejected, failed
+        self.counts = Counter()  # finished jobs by outcome (OUTCOMES)
         self.thread = threading.Thread(target=self._serve, name="caddtree-generation", daemon=True)
         self.thread.start()
 
@@ -83,8 +87,10 @@ class GenerationWorker:
             self.running = job
             try:
                 outcome = self._run(job)
-            except RuntimeError:  # its event loop is gone (the server is stopping): nobody to answer
+            except Exception as error:  # noqa: BLE001: a fault here fails this job, never the worker
                 outcome = "failed"
+                with contextlib.suppress(RuntimeError):  # its event loop is gone: nobody to answer
+                    job.send("error", (500, f"internal error: {type(error).__name__}"))
             finally:
                 self.running = None
             self.counts["cancelled" if job.cancelled.is_set() else outcome] += 1
