@@ -268,7 +268,8 @@ def run_generate(args) -> None:
         for run in (result, baseline) if baseline else (result,):
             print(_stats_line(run))
         if baseline:
-            same = "identical output" if baseline.tokens == result.tokens else "outputs differ, as sampling may"
+            same = ("identical output" if baseline.tokens == result.tokens
+                    else "OUTPUTS DIFFER: greedy decoding must not" if mismatch else "outputs differ, as sampling may")
             print(f"speed-up of {result.method} over ar: {_speedup(result, baseline):.2f}x ({same})")
     if mismatch:
         raise CaddtreeError(mismatch)

@@ -430,9 +430,12 @@ def test_compare_ar_reports_a_greedy_mismatch_as_an_error(capsys, models, monkey
         return real_walk(tree, choices, max_length)
 
     monkeypatch.setattr(engine, "accepted_path", always_take_the_first_child)
-    message = assert_user_error(capsys, generate_args(models, "w3 w4 w5", "--method", "dflash", "--compare-ar",
-                                                      "--max-new-tokens", "12"))
-    assert "greedy dflash differs from ar at new token" in message and "bug" in message
+    code, out, err = run_cli(capsys, generate_args(models, "w3 w4 w5", "--method", "dflash", "--compare-ar",
+                                                   "--max-new-tokens", "12"))
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("caddtree: error: greedy dflash differs from ar at new token") and "bug" in last
+    assert "OUTPUTS DIFFER" in out and "as sampling may" not in out  # the printed comparison says so too
 
 
 def test_compare_ar_on_an_exact_method_says_identical(capsys, models):

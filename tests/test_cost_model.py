@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from caddtree.cost.fit import CostCurve, fit_convex, fit_monotone
-from caddtree.cost.model import CostModel, cache_path
+from caddtree.cost.model import VERSION, CostModel, cache_path
 from caddtree.errors import CaddtreeError
 
 META = {"target": "Qwen/Qwen3-4B", "drafter": "z-lab/Qwen3-4B-DFlash-b16", "device": "cuda:H100", "dtype": "bfloat16"}
@@ -162,7 +162,7 @@ def test_load_wrong_format(tmp_path):
 
 
 def test_load_wrong_version(tmp_path):
-    with pytest.raises(CaddtreeError, match="has version 1; this caddtree reads 3"):
+    with pytest.raises(CaddtreeError, match=f"has version 1; this caddtree reads {VERSION}"):
         CostModel.load(write_model_json(tmp_path / "m.json", version=1))
 
 
