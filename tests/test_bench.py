@@ -385,3 +385,52 @@ def test_hf_generate_is_timed_from_its_first_token_and_samples_at_temperature_on
         assert calls[0]["temperature"] == 1.0 and calls[0]["top_k"] == 0 and calls[0]["top_p"] == 1.0
     else:
         assert ar.method == "ar" and record.new_tokens == ar.new_tokens and record.equal_to_ar
+
+
+def test_methods_take_turns_going_first_and_warm_up_reserves_for_the_longest_conversation(tiny_pair, monkeypatch):
+    """Issue 12 (7): no method always runs first, and no timed run grows a buffer."""
+    runner = BenchRunner(tiny_pair, method_specs(["ar", "dflash", "ddtree"], [3], False), Sampling(0.0),
+                         max_new_tokens=20)
+    prompts = [BenchPrompt("toy", 0, ("w3 w4",)), BenchPrompt("toy", 1, (" ".join(["w5 w6 w7"] * 20), "w9 w10")),
+               BenchPrompt("toy", 2, ("w7",))]
+    engine, asked = tiny_pair.engine, []
+    reserve = engine.reserve
+    monkeypatch.setattr(engine, "reserve", lambda positions, largest: asked.append(positions) or reserve(positions, largest))
+    runner.warm_up(prompts)
+    reserved, asked[:] = max(asked), []
+    order = []
+    decode = runner._decode
+    monkeypatch.setattr(runner, "_decode", lambda spec, *rest: order.append(spec.label) or decode(spec, *rest))
+    records = runner.run(prompts, show_progress=False)
+    assert max(asked) <= reserved  # the two-turn conversation, answers at full length, was reserved up front
+    firsts = [order[i] for i in range(0, len(order), 3)]  # one per turn: 4 turns, 3 methods each
+    assert len(firsts) == 4 and set(firsts) == {"ar", "dflash", "ddtree@3"}
+    assert [record.method for record in records[:3]] == ["ar", "dflash", "ddtree@3"]  # records keep spec order
+    assert all(record.equal_to_ar for record in records)
+
+
+def test_capture_prepares_every_bucket_a_tree_can_use_before_any_round(monkeypatch):
+    """On a GPU every CUDA graph is captured before timing; here capture is faked to count buckets."""
+    from caddtree.models import static_runner
+
+    class FakeGraph:
+        def replay(self):
+            pass
+
+    captured = []
+
+    def fake_capture(run, pool=None):
+        captured.append(None)
+        return FakeGraph(), run()
+
+    target = tiny_target("llama", vocab_size=32, layers=2)
+    runner = static_runner.StaticTargetRunner(target, [0], cuda_graphs=False)
+    runner.cuda_graphs = True  # graphs on, with the capture faked: the CPU can run the rest
+    monkeypatch.setattr(static_runner, "capture_graph", fake_capture)
+    runner.capture(largest_tree=6)
+    assert sorted(runner._graphs) == [1, 2, 4, 8] and len(captured) == 4 and runner.context_len == 0
+    runner.prefill(torch.tensor([3, 4, 5]))
+    tree = torch.tensor([6, 7, 8, 9, 10, 11])
+    runner.verify(torch.cat([torch.tensor([1]), tree]), torch.tensor([0, 1, 1, 2, 2, 3, 3]),
+                  torch.ones(7, 7, dtype=torch.bool).tril())
+    assert len(captured) == 4  # the round replayed a graph captured beforehand

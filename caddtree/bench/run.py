@@ -44,7 +44,7 @@ def run_bench(options: BenchOptions, say=lambda message: print(message, file=sys
         runner = BenchRunner(pair, specs, sampling, options.max_new_tokens, options.seed, cost_model)
         mine = distributed.shard(prompts, process.rank, process.world_size)
         if mine:
-            runner.warm_up(mine[0])
+            runner.warm_up(mine)
         records = distributed.gather(process, runner.run(mine, show_progress=process.is_main))
         if not process.is_main:
             return None

@@ -22,6 +22,7 @@ from caddtree.models.target import encode_chat
 
 HF_GENERATE = "hf-generate"  # transformers' own generate: the outside reference
 WARM_UP_TOKENS = 16
+ANSWER_FRAMING_TOKENS = 8  # the chat template's tokens around an answer, with room to spare
 
 
 @dataclass(frozen=True)
@@ -96,11 +97,23 @@ class BenchRunner:
             for spec in specs if spec.method != HF_GENERATE
         }
 
-    def warm_up(self, prompt: BenchPrompt) -> None:
-        """Run every method once, short and untimed: first calls pay for allocation and kernel set-up."""
-        prompt_ids = self._encode([{"role": "user", "content": prompt.turns[0]}])
+    def warm_up(self, prompts: list[BenchPrompt]) -> None:
+        """Everything a first call would pay inside a timed run, paid now: buffers sized for the
+        longest conversation, every CUDA graph the trees can use, and every method run once."""
+        engine = self.pair.engine
+        largest_tree = max((policy.largest_tree(engine.draft_len) for policy in self.policies.values()), default=0)
+        engine.reserve(max(self._longest_context(prompt) for prompt in prompts), largest_tree)
+        engine.verifier.capture(largest_tree)
+        prompt_ids = self._encode([{"role": "user", "content": prompts[0].turns[0]}])
         for spec in self.specs:
             self._decode(spec, prompt_ids, min(WARM_UP_TOKENS, self.max_new_tokens), self.seed)
+
+    def _longest_context(self, prompt: BenchPrompt) -> int:
+        """An upper bound on the conversation's tokens: every turn, and every answer at full length."""
+        messages = []
+        for text in prompt.turns:
+            messages += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        return len(self._encode(messages[:-1])) + len(prompt.turns) * (self.max_new_tokens + ANSWER_FRAMING_TOKENS)
 
     def run(self, prompts: list[BenchPrompt], show_progress: bool = True) -> list[Record]:
         total = sum(len(prompt.turns) for prompt in prompts) * len(self.specs)
@@ -125,7 +138,9 @@ class BenchRunner:
     def _turn_records(self, prompt: BenchPrompt, turn: int, prompt_ids: torch.Tensor, bar: tqdm):
         """Every method on one turn: its records, and each method's tokens by label."""
         records, outputs = [], {}
-        for spec in self.specs:
+        # Each turn starts with another method, so no method always runs first (or after the same one).
+        start = (prompt.index + turn) % len(self.specs)
+        for spec in self.specs[start:] + self.specs[:start]:
             decoded = self._decode(spec, prompt_ids, self.max_new_tokens, self.seed + prompt.index)
             outputs[spec.label] = decoded.tokens
             records.append(Record(prompt.dataset, prompt.index, turn, spec.label, len(decoded.tokens),
@@ -136,7 +151,8 @@ class BenchRunner:
         if self.sampling.greedy and "ar" in outputs:
             for record in records:
                 record.equal_to_ar = outputs[record.method] == outputs["ar"]
-        return records, outputs
+        order = [spec.label for spec in self.specs]
+        return sorted(records, key=lambda record: order.index(record.method)), outputs
 
     def _own_answer(self, prompt_ids: torch.Tensor, outputs: dict[str, list[int]]) -> str:
         """The model's own greedy answer, fed to the next turn: ar's output when it ran greedy,

@@ -52,6 +52,18 @@ class Engine:
             self.verifier = TargetRunner(target, feature_layers)
         self.eos_ids = eos_token_ids(target)
 
+    @property
+    def draft_len(self) -> int:
+        """Draft positions per round: the drafter's block less its anchor (0 without a drafter)."""
+        return self.drafts.block_size - 1 if self.drafts else 0
+
+    def reserve(self, positions: int, largest_tree: int) -> None:
+        """Room for `positions` cached tokens (prompt and answer) plus a tree of `largest_tree`
+        nodes; a benchmark asks once for its longest prompt, so no timed round grows a buffer."""
+        self.verifier.reserve(positions + max(LARGEST_BUCKET, largest_tree + 1))
+        if self.drafts is not None:
+            self.drafts.reserve(positions)
+
     def generate(self, prompt_ids: torch.Tensor, policy, max_new_tokens: int = 256,
                  sampling: Sampling = Sampling(), seed: int = 0,
                  on_tokens: Callable[[list[int]], bool | None] | None = None) -> GenerationResult:
@@ -66,10 +78,7 @@ class Engine:
         max_new_tokens = min(max_new_tokens, self.target.max_positions - len(prompt_ids))
         if policy.uses_drafter:
             check_within_window(self.target, len(prompt_ids) + max_new_tokens + self.drafts.block_size)
-        largest_tree = policy.largest_tree(self.drafts.block_size - 1 if self.drafts else 0)
-        self.verifier.reserve(len(prompt_ids) + max_new_tokens + max(LARGEST_BUCKET, largest_tree + 1))
-        if self.drafts is not None:
-            self.drafts.reserve(len(prompt_ids) + max_new_tokens)
+        self.reserve(len(prompt_ids) + max_new_tokens, policy.largest_tree(self.draft_len))
         generator = torch.Generator(device=device).manual_seed(seed)
         result = GenerationResult(method=policy.name, prompt_tokens=len(prompt_ids), tokens=[])
 

@@ -246,6 +246,10 @@ class TargetRunner:
     def reserve(self, positions: int) -> None:
         """Make room for `positions` cached positions; these buffers grow on their own."""
 
+    def capture(self, largest_tree: int) -> None:
+        """Prepare every verification shape a tree of up to `largest_tree` nodes uses; eager
+        forwards have none."""
+
     def reset(self) -> None:
         for layer in self.cache.layers:
             layer.clear()  # buffers stay allocated: the next sequence writes into them
