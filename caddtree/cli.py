@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="records kept out of training for held-out loss, accuracy and block tau (default 0)")
     train.add_argument("--max-new-tokens", type=_positive_int, default=256, help="answer length cap when generating data")
     train.add_argument("--generation-batch", type=_positive_int, default=16)
+    train.add_argument("--data-only", action="store_true",
+                       help="answer the prompts into OUT/data.jsonl (resuming it) and stop: no features, no training")
     train.add_argument("--init-from", metavar="DIR", help="continue training this checkpoint (it fixes the architecture)")
     train.add_argument("--layers", type=_positive_int, help="drafter layers (default 1)")
     train.add_argument("--feature-layers", type=_int_list(0),
@@ -354,6 +356,8 @@ def run_train_drafter(args) -> None:
     from caddtree.train.loop import TrainConfig, train
 
     _check_architecture_arguments(args)
+    if args.data_only and args.data:
+        raise CaddtreeError("--data-only generates data; it cannot be combined with --data")
     device = parse_device(args.device)
     if args.data:  # fail on a bad file before the slow load
         for path in args.data:
@@ -371,6 +375,9 @@ def run_train_drafter(args) -> None:
     if args.distill > vocab_size:
         raise CaddtreeError(f"--distill {args.distill} exceeds the target's vocabulary of {vocab_size} tokens")
     examples = _training_examples(args, target, train_prompts, out)
+    if args.data_only:
+        print(f"{out / 'data.jsonl'} holds {len(examples)} records, {sum(len(e.response_ids) for e in examples)} answer tokens")
+        return
     _check_held_out(target, eval_prompts, examples)
     if args.heldout_records >= len(examples):
         raise CaddtreeError(f"--heldout-records {args.heldout_records} leaves nothing of the {len(examples)} records to train on")

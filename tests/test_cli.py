@@ -464,3 +464,22 @@ def test_a_damaged_target_directory_is_one_line(capsys, models, tmp_path, damage
     shutil.copytree(models["target"], target)
     damage(target)
     assert_user_error(capsys, generate_args(models, "w3", target=target), "could not load target", words)
+
+
+def test_train_drafter_data_only_answers_new_prompts_and_stops(capsys, models, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(3, 9)))
+    out = tmp_path / "out"
+    argv = ["train-drafter", "--out", out, "--data-only", "--prompts", prompts, "--num-prompts", "3",
+            "--eval-prompts", "1", "--max-new-tokens", "5", "--target", models["target"], "--device", "cpu"]
+    code, stdout, err = run_cli(capsys, argv)
+    assert code == 0, err
+    assert f"{out / 'data.jsonl'} holds 3 records" in stdout and not (out / "config.json").exists()
+    first = (out / "data.jsonl").read_text()
+    code, stdout, _ = run_cli(capsys, [*argv[:7], "5", *argv[8:]])  # two more prompts: the file grows, resumed
+    assert code == 0 and "holds 5 records" in stdout and (out / "data.jsonl").read_text().startswith(first)
+
+
+def test_train_drafter_data_only_conflicts_with_data(capsys, tmp_path):
+    assert_user_error(capsys, ["train-drafter", "--out", tmp_path, "--data-only", "--data", tmp_path / "x.jsonl"],
+                      "--data-only generates data; it cannot be combined with --data", only_line=True)
