@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from caddtree.models import few_rows
 
 
-@pytest.mark.parametrize("shape", [(1, 48), (2, 48), (3, 48), (2, 5, 48), (64, 48), (65, 48), (300, 48)])
+@pytest.mark.parametrize("shape", [(1, 48), (2, 48), (3, 48), (2, 5, 48), (13, 48), (3, 5, 48), (64, 48), (65, 48), (300, 48)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_rows_times_weight_is_linear(shape, bias):
     generator = torch.Generator().manual_seed(len(shape) + shape[0])
@@ -19,6 +19,17 @@ def test_rows_times_weight_is_linear(shape, bias):
     out = few_rows.rows_times_weight(rows, weight, offset)
     assert out.shape == (*shape[:-1], 37) and out.is_contiguous()
     torch.testing.assert_close(out, F.linear(rows, weight, offset), atol=1e-5, rtol=1e-5)
+
+
+def test_gemm_rows_pads_only_beyond_eight_rows_to_the_next_multiple_of_eight():
+    for count in range(1, 70):
+        padded = few_rows.gemm_rows(count)
+        if count == 1:
+            assert padded == 2
+        elif count <= 8:
+            assert padded == count
+        else:
+            assert padded % 8 == 0 and count <= padded < count + 8
 
 
 def test_installed_layers_change_only_inside_enabled():
