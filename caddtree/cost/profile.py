@@ -92,7 +92,7 @@ def profile(engine: Engine, drafter_name: str, sizes=FULL_SIZES, contexts=FULL_C
         raise CaddtreeError(f"context lengths {too_long} do not fit the model's {engine.target.max_positions} positions")
     device = engine.target.device
     vocab = engine.target.model.get_output_embeddings().weight.shape[0]
-    draft_len = engine.drafts.block_size - 1
+    draft_len = engine.draft_len
     generator = torch.Generator().manual_seed(seed)
     trees = {n: _random_tree(draft_len, vocab, n, generator, device) for n in sizes}
     root = torch.tensor(1, device=device)

@@ -54,8 +54,8 @@ class Engine:
 
     @property
     def draft_len(self) -> int:
-        """Draft positions per round: the drafter's block less its anchor (0 without a drafter)."""
-        return self.drafts.block_size - 1 if self.drafts else 0
+        """Draft positions per round (0 without a drafter)."""
+        return self.drafts.drafter.config.draft_len if self.drafts else 0
 
     def reserve(self, positions: int, largest_tree: int) -> None:
         """Room for `positions` cached tokens (prompt and answer) plus a tree of `largest_tree`
@@ -113,7 +113,7 @@ class Engine:
         depth = remaining - 1  # a round emits at most depth + 1 tokens
         drafted = policy.uses_drafter and depth > 0 and policy.should_draft()
         if drafted:
-            depth = min(depth, self.drafts.block_size - 1)
+            depth = min(depth, self.draft_len)
             tree = policy.build(self.drafts.draft(root, context_len, depth), context_len)
             tree = tree.with_tokens(self.drafts.head.target_tokens(tree.tokens))
         else:

@@ -17,6 +17,11 @@ from transformers.cache_utils import DynamicLayer
 from caddtree.models.target import Target, TargetRunner
 
 BUCKETS = tuple(2**k for k in range(12))  # tree positions (root included) per captured verification: 1..2048
+
+
+def bucket_for(count: int) -> int:
+    """The bucket `count` tree positions are padded to; beyond the largest, `count` itself (eager)."""
+    return next((b for b in BUCKETS if b >= count), count)
 CAPACITY_STEP = 1024
 PAD_TOKEN = 0
 
@@ -95,7 +100,7 @@ class StaticTargetRunner(TargetRunner):
         if not self.cuda_graphs:
             return
         root = torch.zeros(1, dtype=torch.long, device=self.target.device)
-        largest_bucket = next((b for b in BUCKETS if b > largest_tree), BUCKETS[-1])  # root + tree fit
+        largest_bucket = bucket_for(largest_tree + 1)  # root + tree
         for bucket in (b for b in BUCKETS if b <= largest_bucket):
             self.reset()  # a tree of the root alone at position 0: valid inputs, nothing kept
             inputs = self._bucket_inputs(bucket)
@@ -133,7 +138,7 @@ class StaticTargetRunner(TargetRunner):
         """As TargetRunner.verify; the tree is padded to its bucket, and the bucket's graph replays
         (trees beyond the largest bucket run eagerly at their own size)."""
         count = len(tree_token_ids)
-        bucket = next((b for b in BUCKETS if b >= count), count)
+        bucket = bucket_for(count)
         self._check_room(self._length + bucket)
         self._tree_start = self._length
         inputs = self._bucket_inputs(bucket)
