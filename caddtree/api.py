@@ -16,7 +16,7 @@ import torch
 from caddtree.cost.model import CostModel
 from caddtree.cost.profile import auto_cost_model, cost_meta
 from caddtree.decode.engine import Engine
-from caddtree.decode.policy import check_policy_arguments, make_policy
+from caddtree.decode.policy import COST_AWARE_METHODS, check_policy_arguments, make_policy
 from caddtree.decode.sampling import Sampling
 from caddtree.decode.stats import GenerationResult
 from caddtree.errors import CaddtreeError
@@ -102,9 +102,12 @@ class Pair:
     def generate(self, prompt: str | list[dict], method: str = "caddtree", budget: int | None = None,
                  rule: str = "exact", temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  max_new_tokens: int = 256, seed: int = 0, raw: bool = False,
-                 cost_model: str | CostModel | None = "auto", calibrate: bool = True,
+                 cost_model: str | CostModel | None = "auto", calibrate: bool = True, lookup: bool = True,
                  on_text: Callable[[str], bool | None] | None = None) -> GenerationResult:
         """Generate a reply to `prompt` (text, or a conversation: [{"role": ..., "content": ...}, ...]).
+
+        `method` "lookup" drafts only continuations found in the context (no drafter); caddtree adds
+        them to the drafter's tree unless `lookup` is False.
 
         `on_text` receives the text as it grows (streaming); returning True ends the generation
         after that piece (`finish_reason` "caller")."""
@@ -112,8 +115,8 @@ class Pair:
         check_policy_arguments(method, budget, rule)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         prompt_ids = encode_chat(self.target, messages, raw)
-        model = self.cost_model(cost_model, on_text is not None) if method == "caddtree" else None
-        policy = make_policy(method, budget, rule, model, calibrate)
+        model = self.cost_model(cost_model, on_text is not None) if method in COST_AWARE_METHODS else None
+        policy = make_policy(method, budget, rule, model, calibrate, lookup)
         on_tokens = _text_streamer(self.target.tokenizer, on_text) if on_text else None
         result = self.engine.generate(prompt_ids, policy, max_new_tokens, sampling, seed, on_tokens)
         result.text = self.target.tokenizer.decode(result.tokens, skip_special_tokens=True)

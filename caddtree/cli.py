@@ -13,6 +13,8 @@ import sys
 from caddtree.errors import CaddtreeError
 
 PROG = "caddtree"
+METHOD_CHOICES = ["ar", "dflash", "ddtree", "caddtree", "lookup"]
+METHOD_HELP = "caddtree (default); lookup: continuations found in the context, no drafter needed"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate text and print speed statistics")
     generate.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
-    generate.add_argument("--method", default="caddtree", choices=["ar", "dflash", "ddtree", "caddtree"])
+    generate.add_argument("--method", default="caddtree", choices=METHOD_CHOICES, help=METHOD_HELP)
     generate.add_argument("--budget", type=_non_negative_int,
-                          help="ddtree: tree size (default 64); caddtree: largest tree considered")
+                          help="ddtree: tree size (default 64); caddtree, lookup: largest tree considered")
+    generate.add_argument("--no-lookup", dest="lookup", action="store_false",
+                          help="caddtree: draft with the drafter alone, without continuations found in the context")
     generate.add_argument("--rule", default="exact", choices=["greedy", "exact"], help="caddtree's budget rule")
     generate.add_argument("--uncalibrated", action="store_true",
                           help="caddtree: the paper's rule as stated: trust the drafter's probabilities and "
@@ -187,7 +191,7 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--budgets", type=_int_list(1), default=list(DEFAULT_BUDGETS),
                        help="ddtree's budget grid (default 16,32,...,1024)")
     bench.add_argument("--methods", type=_name_list(DEFAULT_METHODS), default=list(DEFAULT_METHODS),
-                       help="comma-separated (default ar,dflash,ddtree,caddtree; caddtree runs both rules)")
+                       help="comma-separated (default ar,dflash,ddtree,caddtree,lookup; caddtree runs both rules, uncalibrated and without lookups)")
     bench.add_argument("--temperature", type=float, default=0.0, choices=[0.0, 1.0], help="0 (greedy, default) or 1")
     bench.add_argument("--max-new-tokens", type=_positive_int, default=256)
     bench.add_argument("--seed", type=int, default=0, help="prompt sampling and decoding seed")
@@ -205,9 +209,11 @@ def _add_serve_parser(commands) -> None:
     serve.add_argument("--port", type=_int, default=8000, help="default 8000")
     serve.add_argument("--api-key", help="require the header Authorization: Bearer KEY on /v1/ requests")
     serve.add_argument("--model-name", help="the model id clients ask for (default: the target's name)")
-    serve.add_argument("--method", default="caddtree", choices=["ar", "dflash", "ddtree", "caddtree"])
+    serve.add_argument("--method", default="caddtree", choices=METHOD_CHOICES, help=METHOD_HELP)
     serve.add_argument("--budget", type=_non_negative_int,
-                       help="ddtree: tree size (default 64); caddtree: largest tree considered")
+                       help="ddtree: tree size (default 64); caddtree, lookup: largest tree considered")
+    serve.add_argument("--no-lookup", dest="lookup", action="store_false",
+                       help="caddtree: draft with the drafter alone, without continuations found in the context")
     serve.add_argument("--rule", default="exact", choices=["greedy", "exact"], help="caddtree's budget rule")
     serve.add_argument("--cost-model", default="auto", help="cost-model JSON, or auto (profile once, cached)")
     serve.add_argument("--max-queue", type=_positive_int, default=16,
@@ -237,7 +243,7 @@ def _read_prompt(text: str) -> str:
 
 
 def run_generate(args) -> None:
-    from caddtree.decode.policy import check_policy_arguments
+    from caddtree.decode.policy import COST_AWARE_METHODS, check_policy_arguments
     from caddtree.decode.sampling import Sampling
     from caddtree.models.target import check_prompt_text
 
@@ -245,7 +251,7 @@ def run_generate(args) -> None:
     check_prompt_text(prompt)
     check_policy_arguments(args.method, args.budget, args.rule)
     Sampling(args.temperature, args.top_p, args.top_k)
-    if args.cost_model != "auto" and args.method == "caddtree" and not os.path.isfile(args.cost_model):
+    if args.cost_model != "auto" and args.method in COST_AWARE_METHODS and not os.path.isfile(args.cost_model):
         raise CaddtreeError(f"cost model file not found: {args.cost_model}")
     pair = _load(args)
     stream = None if args.json else lambda text: print(text, end="", flush=True)
@@ -255,7 +261,7 @@ def run_generate(args) -> None:
     )
     result = pair.generate(
         prompt, method=args.method, budget=args.budget, rule=args.rule, cost_model=args.cost_model,
-        calibrate=not args.uncalibrated, on_text=stream, **options,
+        calibrate=not args.uncalibrated, lookup=args.lookup, on_text=stream, **options,
     )
     baseline = pair.generate(prompt, method="ar", **options) if args.compare_ar else None
     mismatch = _greedy_mismatch(result, baseline) if baseline and args.temperature == 0 else None
@@ -328,10 +334,12 @@ def run_profile(args) -> None:
 def run_bench(args) -> None:
     from caddtree.bench.options import BenchOptions
     from caddtree.bench.run import run_bench as bench
+    from caddtree.decode.policy import COST_AWARE_METHODS
 
     if args.prompts and not os.path.isfile(args.prompts):
         raise CaddtreeError(f"prompt file not found: {args.prompts}")
-    if args.cost_model != "auto" and "caddtree" in args.methods and not os.path.isfile(args.cost_model):
+    cost_aware = set(COST_AWARE_METHODS) & set(args.methods)
+    if args.cost_model != "auto" and cost_aware and not os.path.isfile(args.cost_model):
         raise CaddtreeError(f"cost model file not found: {args.cost_model}")
     options = BenchOptions(
         out=args.out, datasets=args.datasets, n=args.n, budgets=args.budgets, methods=args.methods,
@@ -444,18 +452,20 @@ def _training_examples(args, target, prompts: list[str], out):
 def run_serve(args) -> None:
     import uvicorn
 
-    from caddtree.decode.policy import check_policy_arguments
+    from caddtree.decode.policy import COST_AWARE_METHODS, check_policy_arguments
     from caddtree.server.app import create_app
 
     check_policy_arguments(args.method, args.budget, args.rule)
     if not 0 < args.port < 65536:
         raise CaddtreeError(f"--port must be in 1..65535, got {args.port}")
-    if args.cost_model != "auto" and args.method == "caddtree" and not os.path.isfile(args.cost_model):
+    cost_aware = args.method in COST_AWARE_METHODS
+    if args.cost_model != "auto" and cost_aware and not os.path.isfile(args.cost_model):
         raise CaddtreeError(f"cost model file not found: {args.cost_model}")
     _check_bindable(args.host, args.port)  # before the slow load
     pair = _load(args)
-    cost_model = pair.cost_model(args.cost_model) if args.method == "caddtree" else None  # profiled now, not mid-request
-    options = {"method": args.method, "budget": args.budget, "rule": args.rule, "cost_model": cost_model}
+    cost_model = pair.cost_model(args.cost_model) if cost_aware else None  # profiled now, not mid-request
+    options = {"method": args.method, "budget": args.budget, "rule": args.rule, "cost_model": cost_model,
+               "lookup": args.lookup}
     name = args.model_name or pair.target.name
     app = create_app(pair, name, options, args.max_queue, args.api_key, args.max_tokens)
     _say(f"serving {name!r} with {args.method} on http://{args.host}:{args.port}/v1 (ctrl-c or SIGTERM stops)")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_BUDGETS = (16, 32, 64, 128, 256, 512, 1024)
-DEFAULT_METHODS = ("ar", "dflash", "ddtree", "caddtree")
+DEFAULT_METHODS = ("ar", "dflash", "ddtree", "caddtree", "lookup")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from caddtree.bench.options import BenchOptions
 from caddtree.bench.prompts import BenchPrompt, benchmark_prompts
 from caddtree.bench.report import environment, markdown_table, write_report
 from caddtree.bench.runner import BenchRunner, Record, method_specs
+from caddtree.decode.policy import COST_AWARE_METHODS
 from caddtree.decode.sampling import Sampling
 from caddtree.models.target import target_label
 
@@ -38,7 +39,7 @@ def run_bench(options: BenchOptions, say=lambda message: print(message, file=sys
             say(f"{len(prompts)} prompts over {process.world_size} process(es); loading target {target_label(options.target)} ...")
         pair = load(options.target, options.drafter, device, options.dtype, options.cuda_graphs)
         cost_model = None
-        if "caddtree" in options.methods:
+        if set(COST_AWARE_METHODS) & set(options.methods):
             cost_model = distributed.from_main(process, lambda: pair.cost_model(options.cost_model, process.is_main))
         specs = method_specs(options.methods, options.budgets, options.hf_generate)
         runner = BenchRunner(pair, specs, sampling, options.max_new_tokens, options.seed, cost_model)

@@ -32,6 +32,7 @@ class MethodSpec:
     budget: int | None = None
     rule: str = "exact"
     calibrate: bool = True  # caddtree: scale the surrogate by measured acceptance (False: the paper's rule)
+    lookup: bool = True  # caddtree: add continuations found in the context to the drafter's tree
 
 
 def method_specs(methods: list[str], budgets: list[int], hf_generate: bool) -> list[MethodSpec]:
@@ -43,6 +44,7 @@ def method_specs(methods: list[str], budgets: list[int], hf_generate: bool) -> l
         elif method == "caddtree":
             specs += [MethodSpec(f"caddtree-{rule}", method, rule=rule) for rule in RULES]
             specs.append(MethodSpec("caddtree-exact-uncalibrated", method, rule="exact", calibrate=False))
+            specs.append(MethodSpec("caddtree-exact-no-lookup", method, rule="exact", lookup=False))
         else:
             specs.append(MethodSpec(method, method))
     if hf_generate:
@@ -93,7 +95,7 @@ class BenchRunner:
         self.max_new_tokens = max_new_tokens
         self.seed = seed
         self.policies = {
-            spec.label: make_policy(spec.method, spec.budget, spec.rule, cost_model, spec.calibrate)
+            spec.label: make_policy(spec.method, spec.budget, spec.rule, cost_model, spec.calibrate, spec.lookup)
             for spec in specs if spec.method != HF_GENERATE
         }
 

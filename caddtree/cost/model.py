@@ -64,10 +64,12 @@ class CostModel:
             },
         )
 
-    def round_costs(self, max_nodes: int, context_len: int, convex: bool, device="cpu") -> torch.Tensor:
+    def round_costs(self, max_nodes: int, context_len: int, convex: bool, device="cpu",
+                    drafted: bool = True) -> torch.Tensor:
         """(max_nodes+1,) float64 seconds of a round with n = 0..max_nodes tree nodes at context_len,
-        on `device` (tables are kept there, so choosing a budget copies nothing between devices)."""
-        table = self._cost_table(max_nodes, convex, torch.device(device))
+        on `device` (tables are kept there, so choosing a budget copies nothing between devices);
+        without `drafted`, a round whose nodes cost no draft pass (lookups)."""
+        table = self._cost_table(max_nodes, convex, torch.device(device), drafted)
         lower, upper, weight = self._context_blend(context_len)
         return torch.lerp(table[lower], table[upper], weight)
 
@@ -77,12 +79,12 @@ class CostModel:
         curves = self.verify_convex if convex else self.verify_monotone
         return float(curves[lower](0.0) * (1 - weight) + curves[upper](0.0) * weight)
 
-    def _cost_table(self, max_nodes: int, convex: bool, device: torch.device) -> torch.Tensor:
-        key = (max_nodes, convex, device)
+    def _cost_table(self, max_nodes: int, convex: bool, device: torch.device, drafted: bool) -> torch.Tensor:
+        key = (max_nodes, convex, device, drafted)
         if key not in self._cost_tables:
             curves = self.verify_convex if convex else self.verify_monotone
             sizes = np.arange(max_nodes + 1, dtype=np.float64)
-            rows = [draft + curve(sizes) for draft, curve in zip(self.draft_seconds, curves)]
+            rows = [draft * drafted + curve(sizes) for draft, curve in zip(self.draft_seconds, curves)]
             self._cost_tables[key] = torch.from_numpy(np.stack(rows)).to(device)
         return self._cost_tables[key]
 

@@ -9,6 +9,8 @@ import torch
 
 from caddtree.decode.acceptance import accepted_path
 from caddtree.decode.drafting import DraftRunner
+from caddtree.decode.lookup import LookupProposer
+from caddtree.decode.proposals import Proposals
 from caddtree.decode.sampling import Sampling
 from caddtree.decode.stats import GenerationResult, RoundRecord
 from caddtree.errors import CaddtreeError
@@ -50,6 +52,7 @@ class Engine:
             self.verifier = StaticTargetRunner(target, feature_layers, cuda_graphs=on_gpu)
         else:
             self.verifier = TargetRunner(target, feature_layers)
+        self.lookup = LookupProposer()
         self.eos_ids = eos_token_ids(target)
 
     @property
@@ -86,6 +89,8 @@ class Engine:
         start = time.perf_counter()
         root = self._prefill(prompt_ids, sampling, generator, policy.uses_drafter)
         first_token = root.item()  # waits for the prefill to finish
+        if policy.uses_lookup:
+            self.lookup.reset(prompt_ids.tolist() + [first_token])
         result.prefill_seconds = time.perf_counter() - start
         if self._emit(result, [first_token], max_new_tokens, on_tokens)[1]:
             return result
@@ -110,27 +115,47 @@ class Engine:
         """One round; returns the emitted tokens (host list), the tree size, whether the drafter ran,
         and the next root."""
         context_len = self.verifier.context_len
-        depth = remaining - 1  # a round emits at most depth + 1 tokens
-        drafted = policy.uses_drafter and depth > 0 and policy.should_draft()
-        if drafted:
-            depth = min(depth, self.draft_len)
-            tree = policy.build(self.drafts.draft(root, context_len, depth), context_len)
-            tree = tree.with_tokens(self.drafts.head.target_tokens(tree.tokens))
-        else:
-            tree = DraftTree.empty(root.device)
+        # A round emits at most depth + 1 tokens.
+        proposals = self._propose(root, policy, remaining - 1, context_len)
+        tree = policy.build(proposals, context_len) if proposals else DraftTree.empty(root.device)
         tree_tokens, tree_depths = tree.with_root(root)
         logits, features = self.verifier.verify(tree_tokens, tree_depths, tree.ancestor_mask)
         choices = sampling.choose(logits, generator)
-        accepted = accepted_path(tree, choices, depth + 1)
-        # The round's one read of results by the host: the path length and the tokens it emits.
-        length, _, *tokens = torch.cat([accepted.length[None], tree_tokens[accepted.positions],
-                                        accepted.next_token[None]]).tolist()
+        accepted = accepted_path(tree, choices, (proposals.depth if proposals else 0) + 1)
+        # The round's one read of results by the host: the path length, how many of its nodes the
+        # drafter proposed, and the tokens it emits.
+        length, drafter_nodes, _, *tokens = torch.cat([
+            accepted.length[None], self._drafter_nodes(tree, accepted)[None],
+            tree_tokens[accepted.positions], accepted.next_token[None]]).tolist()
+        emitted = tokens[: length - 1] + tokens[-1:]
         path = accepted.positions[:length]
         self.verifier.keep(path)
-        policy.observe(length - 1)
+        policy.observe(drafter_nodes)
         if policy.uses_drafter:
             self.drafts.extend(features[path], context_len + torch.arange(length, device=path.device))
-        return tokens[: length - 1] + tokens[-1:], tree.size, drafted, accepted.next_token
+        if policy.uses_lookup:
+            self.lookup.observe(emitted)
+        return emitted, tree.size, bool(proposals and proposals.drafted), accepted.next_token
+
+    def _propose(self, root, policy, depth: int, context_len: int) -> Proposals | None:
+        """What the policy's proposers offer for a tree of at most `depth` levels (None: nothing)."""
+        if depth == 0:
+            return None
+        drafted = policy.uses_drafter and policy.should_draft()
+        log_probs = self.drafts.draft(root, context_len, min(depth, self.draft_len)) if drafted else None
+        lookup = self.lookup.propose(depth, root.device) if policy.uses_lookup else None
+        if log_probs is None and lookup is None:
+            return None
+        return Proposals(log_probs, self.drafts.head.target_tokens if drafted else None, lookup)
+
+    @staticmethod
+    def _drafter_nodes(tree: DraftTree, accepted) -> torch.Tensor:
+        """0-d: accepted nodes that the drafter proposed (every node, unless lookups joined in)."""
+        on_path = torch.arange(accepted.positions.shape[0], device=accepted.positions.device) < accepted.length
+        if tree.from_drafter is None:
+            return on_path[1:].sum()
+        from_drafter = torch.cat([tree.from_drafter.new_zeros(1), tree.from_drafter])  # the root is no node
+        return (from_drafter[accepted.positions] & on_path).sum()
 
     def _emit(self, result, tokens, max_new_tokens, on_tokens) -> tuple[int, bool]:
         """Append tokens up to EOS or the length limit; how many were kept, and whether that ends it."""

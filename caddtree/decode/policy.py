@@ -1,33 +1,42 @@
-"""Round policies: how the drafter's marginals (and the cost model) become this round's tree.
+"""Round policies: how the proposals (drafter marginals, context lookups) and the cost model
+become this round's tree.
 
-The decoding loop only calls `reset`, `build` and `observe`; it does not know which policy runs.
+The decoding loop only calls `reset`, `should_draft`, `build` and `observe`; it does not know
+which policy runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from caddtree.cost.model import CostModel
+from caddtree.decode.proposals import Proposals
 from caddtree.errors import CaddtreeError
 from caddtree.tree.budget import exact_budget, greedy_budget, throughput
-from caddtree.tree.build import chain_tree, rank_nodes, tree_from_ranked
+from caddtree.tree.build import RankedNodes, tree_from_ranked
 from caddtree.tree.calibration import AcceptanceCalibration
 from caddtree.tree.draft_tree import DraftTree
+from caddtree.tree.merge import live_count, merge_ranked
 
-METHODS = ("ar", "dflash", "ddtree", "caddtree")
+METHODS = ("ar", "dflash", "ddtree", "caddtree", "lookup")
+COST_AWARE_METHODS = ("caddtree", "lookup")  # the methods that need a cost model
 RULES = ("greedy", "exact")
 
 
 class Policy:
     """What every policy shares: no state between rounds unless it needs some."""
 
+    uses_drafter = False
+    uses_lookup = False  # whether the round offers it continuations found in the context
+
     def reset(self) -> None:
         """Called before each generation."""
 
-    def observe(self, accepted_nodes: int) -> None:
-        """Called after each round with how many draft nodes the target accepted."""
+    def observe(self, drafter_nodes: int) -> None:
+        """Called after each round with how many of the accepted nodes the drafter proposed."""
 
     def should_draft(self) -> bool:
         """Asked before each round of a drafting policy: is the drafter worth running?"""
@@ -42,12 +51,11 @@ class Autoregressive(Policy):
     """Plain decoding: no drafter, one target token per round."""
 
     name = "ar"
-    uses_drafter = False
 
     def largest_tree(self, draft_len: int) -> int:
         return 0
 
-    def build(self, log_probs: torch.Tensor, context_len: int) -> DraftTree:
+    def build(self, proposals: Proposals, context_len: int) -> DraftTree:
         raise AssertionError("autoregressive decoding builds no tree")
 
 
@@ -57,8 +65,8 @@ class DFlashChain(Policy):
     name = "dflash"
     uses_drafter = True
 
-    def build(self, log_probs, context_len):
-        return chain_tree(log_probs)
+    def build(self, proposals, context_len):
+        return proposals.drafter_chain()
 
 
 @dataclass
@@ -72,8 +80,8 @@ class FixedBudget(Policy):
     def largest_tree(self, draft_len: int) -> int:
         return self.budget
 
-    def build(self, log_probs, context_len):
-        ranked = rank_nodes(log_probs, self.budget)
+    def build(self, proposals, context_len):
+        ranked = proposals.drafter_ranked(self.budget)
         return tree_from_ranked(ranked, ranked.size)
 
 
@@ -108,20 +116,27 @@ class DraftSkipping:
 class CostAware(Policy):
     """CaDDTree: the budget that maximises expected tokens per second this round.
 
-    With `calibrate`, the surrogate's expected acceptance is scaled by the acceptance measured in
-    the previous rounds (see caddtree.tree.calibration) and the drafter is skipped while it does
-    not pay (DraftSkipping); without it, the paper's rule as stated.
+    Its nodes are the drafter's (`uses_drafter`), continuations found in the context
+    (`uses_lookup`), or both merged into one best-first list; the `lookup` method is this policy
+    without a drafter, whose rounds then cost no draft pass. With `calibrate`, the drafter's node
+    weights are scaled by the acceptance measured in the previous rounds (see
+    caddtree.tree.calibration; lookups keep their own statistics) and the drafter is skipped while
+    it does not pay (DraftSkipping); without it, the paper's rule as stated.
     """
 
     cost_model: CostModel
     rule: str = "exact"
     max_nodes: int = 1024
     calibrate: bool = True
+    uses_drafter: bool = True
+    uses_lookup: bool = True
     calibration: AcceptanceCalibration = field(default_factory=AcceptanceCalibration)
-    _promised: float | None = field(default=None, init=False, repr=False)  # Φ of this round's tree, if drafted
+    _promised: float | None = field(default=None, init=False, repr=False)  # the drafter's Φ in this round's tree
     _skip: DraftSkipping = field(default_factory=DraftSkipping, init=False, repr=False)
-    name = "caddtree"
-    uses_drafter = True
+
+    @property
+    def name(self) -> str:
+        return "caddtree" if self.uses_drafter else "lookup"
 
     def reset(self) -> None:
         self.calibration.reset()
@@ -134,25 +149,55 @@ class CostAware(Policy):
     def largest_tree(self, draft_len: int) -> int:
         return self.max_nodes
 
-    def build(self, log_probs, context_len):
-        ranked = rank_nodes(log_probs, self.max_nodes)
-        gains = ranked.log_weights.double().exp()
+    def build(self, proposals, context_len):
         convex = self.rule == "greedy"
-        round_costs = self.cost_model.round_costs(ranked.size, context_len, convex, gains.device)
-        scale = self.calibration.ratio if self.calibrate else 1.0
+        ranked, drafter_gains, drafter_index = self._ranked(proposals)
+        gains = ranked.log_weights.double().exp()
+        round_costs = self.cost_model.round_costs(ranked.size, context_len, convex, gains.device, proposals.drafted)
+        tokens_per_second = throughput(gains, round_costs)
         choose = greedy_budget if convex else exact_budget
-        tokens_per_second = throughput(gains * scale, round_costs)
-        budget = choose(tokens_per_second)
-        phi = torch.cat([gains.new_zeros(1), gains.cumsum(0)])  # unscaled: what the surrogate promised
-        # One host read: the budget, its promised Φ and its expected tokens per second.
-        budget, self._promised, rate = torch.stack([budget.to(phi.dtype), phi[budget], tokens_per_second[budget]]).tolist()
-        plain_rate = 1 / self.cost_model.plain_step_seconds(context_len, convex)
-        self._skip.record(drafting_paid=rate >= plain_rate)
-        return tree_from_ranked(ranked, int(budget))
+        budget = torch.minimum(choose(tokens_per_second), live_count(ranked))
+        promised = torch.cat([gains.new_zeros(1), drafter_gains.cumsum(0)])[budget]  # unscaled, as the surrogate said
+        rate_without_drafter = self._rate_without_drafter(proposals, context_len, convex)
+        # One host read: the budget, the drafter's promised Φ, and the rates with and without it.
+        budget, promised, rate, rate_without_drafter = torch.stack(
+            [budget.to(gains.dtype), promised, tokens_per_second[budget], rate_without_drafter]).tolist()
+        if proposals.drafted:
+            self._promised = promised
+            self._skip.record(drafting_paid=rate >= rate_without_drafter)
+        from_drafter = None if drafter_index is None else drafter_index >= 0
+        return tree_from_ranked(ranked, int(budget), from_drafter)
 
-    def observe(self, accepted_nodes: int) -> None:
+    def _ranked(self, proposals: Proposals) -> tuple[RankedNodes, torch.Tensor, torch.Tensor | None]:
+        """This round's best-first nodes; the drafter's own, unscaled weight of each (0 where it
+        did not propose it); and each node's index among the drafter's (-1: lookup only; None
+        when no lookup was merged in)."""
+        lookup = proposals.lookup if self.uses_lookup else None
+        if not proposals.drafted:
+            ranked = lookup.first(self.max_nodes)
+            return ranked, ranked.log_weights.new_zeros(ranked.size, dtype=torch.float64), None
+        drafted = proposals.drafter_ranked(self.max_nodes)
+        drafter_gains = drafted.log_weights.double().exp()
+        if self.calibrate:
+            drafted = replace(drafted, log_weights=drafted.log_weights + math.log(self.calibration.ratio))
+        if lookup is None:
+            return drafted, drafter_gains, None
+        merged, drafter_index = merge_ranked(drafted, lookup, self.max_nodes)
+        drafter_gains = torch.where(drafter_index >= 0, drafter_gains[drafter_index.clamp(min=0)], 0.0)
+        return merged, drafter_gains, drafter_index
+
+    def _rate_without_drafter(self, proposals: Proposals, context_len: int, convex: bool) -> torch.Tensor:
+        """0-d: the best expected tokens per second of this round had the drafter not run."""
+        lookup = proposals.lookup if self.uses_lookup else None
+        if lookup is None:
+            return torch.tensor(1 / self.cost_model.plain_step_seconds(context_len, convex), dtype=torch.float64)
+        lookup = lookup.first(self.max_nodes)
+        costs = self.cost_model.round_costs(lookup.size, context_len, convex, lookup.tokens.device, drafted=False)
+        return throughput(lookup.log_weights.double().exp(), costs).max()
+
+    def observe(self, drafter_nodes: int) -> None:
         if self._promised is not None:  # rounds without a draft teach the calibration nothing
-            self.calibration.observe(self._promised, accepted_nodes)
+            self.calibration.observe(self._promised, drafter_nodes)
         self._promised = None
 
 
@@ -167,9 +212,10 @@ def check_policy_arguments(method: str, budget: int | None = None, rule: str = "
 
 
 def make_policy(method: str, budget: int | None = None, rule: str = "exact",
-                cost_model: CostModel | None = None, calibrate: bool = True):
-    """The policy for a method. For caddtree, `budget` caps the tree (default: the largest
-    profiled size); for ddtree it is the fixed size (default 64)."""
+                cost_model: CostModel | None = None, calibrate: bool = True, lookup: bool = True):
+    """The policy for a method. For caddtree and lookup, `budget` caps the tree (default: the
+    largest profiled size); for ddtree it is the fixed size (default 64). `lookup` lets caddtree
+    add continuations found in the context to the drafter's tree."""
     check_policy_arguments(method, budget, rule)
     if method == "ar":
         return Autoregressive()
@@ -178,6 +224,9 @@ def make_policy(method: str, budget: int | None = None, rule: str = "exact",
     if method == "ddtree":
         return FixedBudget(64 if budget is None else budget)
     if cost_model is None:
-        raise CaddtreeError("caddtree needs a cost model (--cost-model FILE or auto)")
+        raise CaddtreeError(f"{method} needs a cost model (--cost-model FILE or auto)")
     largest_profiled = int(max(cost_model.measurements["sizes"]))
-    return CostAware(cost_model, rule, largest_profiled if budget is None else budget, calibrate)
+    max_nodes = largest_profiled if budget is None else budget
+    if method == "lookup":
+        return CostAware(cost_model, rule, max_nodes, calibrate, uses_drafter=False)
+    return CostAware(cost_model, rule, max_nodes, calibrate, uses_lookup=lookup)

@@ -39,7 +39,7 @@ def error_response(status: int, message: str, code: str | None = None) -> JSONRe
 
 def create_app(pair, model_name: str, generate_options: dict, max_queue: int = 16, api_key: str | None = None,
                default_max_tokens: int = 256) -> FastAPI:
-    """The server's app: `generate_options` (method, budget, rule, cost_model) apply to every request."""
+    """The server's app: `generate_options` (method, budget, rule, cost_model, lookup) apply to every request."""
     state = {}
 
     @asynccontextmanager

@@ -48,7 +48,7 @@ class GenerationWorker:
 
     def __init__(self, pair, generate_options: dict, max_queue: int):
         self.pair = pair
-        self.generate_options = generate_options  # the server's method, budget, rule, cost model
+        self.generate_options = generate_options  # the server's method, budget, rule, cost model, lookup
         self.jobs: queue.Queue[GenerationJob | None] = queue.Queue(maxsize=max_queue)
         self.running: GenerationJob | None = None
         self.counts = Counter()  # finished jobs by outcome (OUTCOMES)

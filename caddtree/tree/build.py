@@ -29,6 +29,10 @@ class RankedNodes:
     def size(self) -> int:
         return self.tokens.shape[0]
 
+    def first(self, n: int) -> "RankedNodes":
+        """The n best nodes: a tree, like every prefix of the list."""
+        return RankedNodes(self.tokens[:n], self.parents[:n], self.depths[:n], self.log_weights[:n], self.num_depths)
+
 
 class _DepthRanking(NamedTuple):
     """The heaviest paths of one depth, best-first."""
@@ -129,8 +133,9 @@ def _merge_depths(rankings: list[_DepthRanking], max_nodes: int) -> RankedNodes:
     )
 
 
-def tree_from_ranked(ranked: RankedNodes, n: int) -> DraftTree:
-    """The draft tree of the first n ranked nodes, reordered depth-major."""
+def tree_from_ranked(ranked: RankedNodes, n: int, from_drafter: torch.Tensor | None = None) -> DraftTree:
+    """The draft tree of the first n ranked nodes, reordered depth-major; `from_drafter` (N,) marks
+    the nodes the drafter proposed, when another proposer added some."""
     if n > ranked.size:
         raise ValueError(f"asked for {n} nodes but only {ranked.size} are ranked")
     # Stable, so nodes of one depth stay best-first.
@@ -141,7 +146,8 @@ def tree_from_ranked(ranked: RankedNodes, n: int) -> DraftTree:
     parents = torch.where(ranked_parents >= 0, tree_position[ranked_parents.clamp(min=0)], 0)
     depths = ranked.depths[ranked_index]
     return DraftTree(
-        ranked.tokens[ranked_index], parents, depths, ancestor_mask_from_parents(parents, ranked.num_depths)
+        ranked.tokens[ranked_index], parents, depths, ancestor_mask_from_parents(parents, ranked.num_depths),
+        None if from_drafter is None else from_drafter[ranked_index],
     )
 
 

@@ -17,6 +17,7 @@ class DraftTree:
     parents: torch.Tensor  # (n,) long, tree position of each node's parent (0 = root)
     depths: torch.Tensor  # (n,) long, >= 1 (the root has depth 0)
     ancestor_mask: torch.Tensor  # (n+1, n+1) bool, [i, j] = position j is i or an ancestor of i
+    from_drafter: torch.Tensor | None = None  # (n,) bool: the drafter proposed the node (None: all did)
 
     @property
     def size(self) -> int:

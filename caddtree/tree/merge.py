@@ -1,0 +1,69 @@
+"""One best-first node list from two proposers' lists (drafter and lookup), on the device.
+
+A node is a path of tokens below the root; a path that both lists hold appears once, with the
+larger of its two weights. Within each list a child never outweighs its parent, and the merged
+weight of a parent is at least either of its weights, so the merged list, sorted by weight with
+ties going to the shallower node, keeps every prefix a tree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from caddtree.tree.build import RankedNodes
+
+
+def node_paths(nodes: RankedNodes, max_depth: int) -> torch.Tensor:
+    """(N, max_depth) long: the tokens of each node's path from the root, -1 past its depth."""
+    count = nodes.size
+    # One spare column takes the writes of walks that are already past the root.
+    paths = torch.full((count, max_depth + 1), -1, dtype=torch.long, device=nodes.tokens.device)
+    node = torch.arange(count, device=nodes.tokens.device)
+    for _ in range(max_depth):  # up one level per step, every node at once
+        alive = node >= 0
+        safe = node.clamp(min=0)
+        column = torch.where(alive, nodes.depths[safe] - 1, max_depth)
+        paths.scatter_(1, column[:, None], torch.where(alive, nodes.tokens[safe], -1)[:, None])
+        node = torch.where(alive, nodes.parents[safe], -1)
+    return paths[:, :max_depth]
+
+
+def merge_ranked(first: RankedNodes, second: RankedNodes, max_nodes: int) -> tuple[RankedNodes, torch.Tensor]:
+    """The union of two best-first lists, best-first, at most max_nodes, and (N,) long: each node's
+    index in `first`, -1 for a node that only `second` proposed. Nodes of `second` that `first` also holds stay in the list with
+    weight 0 (log -inf) at its end, so that no size depends on data the host has not read:
+    a caller choosing a size must stop before them (see `live_count`)."""
+    depth = max(first.num_depths, second.num_depths)
+    same = (node_paths(second, depth)[:, None, :] == node_paths(first, depth)[None, :, :]).all(-1)  # (n2, n1)
+    duplicate = same.any(dim=1)  # (n2,)
+    twin = same.to(torch.uint8).argmax(dim=1)  # (n2,) the node of `first` with the same path
+    minus_inf = torch.tensor(-torch.inf, dtype=first.log_weights.dtype, device=duplicate.device)
+    first_weights = first.log_weights.scatter_reduce(
+        0, twin, torch.where(duplicate, second.log_weights.to(minus_inf.dtype), minus_inf), "amax")
+    second_weights = torch.where(duplicate, minus_inf, second.log_weights.to(minus_inf.dtype))
+    # A parent in `second` becomes its twin in `first` when it has one.
+    parent = second.parents.clamp(min=0)
+    second_parents = torch.where(
+        second.parents < 0, -1, torch.where(duplicate[parent], twin[parent], first.size + parent))
+
+    log_weights = torch.cat([first_weights, second_weights])
+    depths = torch.cat([first.depths, second.depths])
+    by_depth = torch.sort(depths, stable=True).indices
+    order = by_depth[torch.sort(log_weights[by_depth], descending=True, stable=True).indices][:max_nodes]
+    rank_of = torch.full_like(depths, -1)
+    rank_of[order] = torch.arange(order.shape[0], device=order.device)
+    parents = torch.cat([first.parents, second_parents])[order]
+    first_index = torch.where(order < first.size, order, -1)
+    merged = RankedNodes(
+        tokens=torch.cat([first.tokens, second.tokens])[order],
+        parents=torch.where(parents >= 0, rank_of[parents.clamp(min=0)], -1),
+        depths=depths[order],
+        log_weights=log_weights[order],
+        num_depths=depth,
+    )
+    return merged, first_index
+
+
+def live_count(nodes: RankedNodes) -> torch.Tensor:
+    """0-d: how many leading nodes have a weight above 0 (a merged list ends in dropped twins)."""
+    return torch.isfinite(nodes.log_weights).sum()
