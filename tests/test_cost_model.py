@@ -212,3 +212,15 @@ def test_cache_path_defaults_under_home(tmp_path, monkeypatch):
     monkeypatch.delenv("CADDTREE_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert cache_path(META).parent == tmp_path / ".cache" / "caddtree" / "cost"
+
+
+def test_rounds_without_a_draft_pass_cost_only_verification():
+    sizes = [0, 1, 4, 16]
+    meta = {"target": "t", "drafter": "d", "device": "cpu", "dtype": "float32"}
+    model = CostModel.fit(meta, [64, 512], sizes, [[0.05 + 0.001 * n for n in sizes]] * 2, [0.01, 0.02])
+    for context in (64, 300, 512):
+        drafted = model.round_costs(16, context, convex=False)
+        looked_up = model.round_costs(16, context, convex=False, drafted=False)
+        draft = 0.01 + 0.01 * min(1.0, max(0.0, (context - 64) / 448))
+        assert torch.allclose(drafted - looked_up, torch.full_like(drafted, draft))
+        assert looked_up[0] == pytest.approx(model.plain_step_seconds(context, convex=False))

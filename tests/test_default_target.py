@@ -49,12 +49,24 @@ def test_every_method_reproduces_plain_greedy_decoding(target):
             )[0, len(prompt_ids):].tolist()
         assert len(reference) == NEW_TOKENS, "pick prompts whose answers run past 64 tokens"
         for policy in (make_policy("ar"), make_policy("dflash"), make_policy("ddtree", 24),
-                       make_policy("caddtree", None, "greedy", cheap_cost_model())):
+                       make_policy("caddtree", None, "greedy", cheap_cost_model()),
+                       make_policy("lookup", None, "exact", cheap_cost_model())):
             result = engine.generate(prompt_ids, policy, NEW_TOKENS)
             assert result.tokens == reference, policy.name
             longest_round = max(longest_round, *(r.emitted for r in result.rounds))
     if SHIPPED:
         assert longest_round >= 4, "the shipped drafter should get several tokens accepted in some round"
+
+
+def test_lookups_on_a_grounded_prompt_are_accepted_and_exact(target):
+    """Asked to give back a function with comments, the target copies it: lookups pay off there."""
+    code = "def area(width, height):\n    result = width * height\n    return result\n"
+    prompt_ids = encode_prompt(target, f"```python\n{code}```\nRewrite this code with a comment on each line.")
+    engine = Engine(target)
+    reference = engine.generate(prompt_ids, make_policy("ar"), NEW_TOKENS).tokens
+    result = engine.generate(prompt_ids, make_policy("lookup", None, "exact", cheap_cost_model()), NEW_TOKENS)
+    assert result.tokens == reference
+    assert result.tau > 1.5, "the copied lines should be accepted several tokens at a time"
 
 
 def test_default_prompt_encoding(target):

@@ -19,14 +19,18 @@ def flat_cost_model(per_node_seconds: float) -> CostModel:
     return CostModel.fit(meta, [8, 200], SIZES, verify, [0.002, 0.003])
 
 
-def policies():
+def policies(lookup: bool = True):
+    """Every method; `lookup` False leaves out the nodes found in the context."""
     yield make_policy("dflash")
     for budget in (0, 1, 2, 5, 17, 64, 256):
         yield make_policy("ddtree", budget)
     for rule in ("greedy", "exact"):
         for per_node in (1e-3, 1e-6):
-            yield make_policy("caddtree", None, rule, flat_cost_model(per_node))
-    yield make_policy("caddtree", None, "exact", flat_cost_model(1e-6), calibrate=False)
+            yield make_policy("caddtree", None, rule, flat_cost_model(per_node), lookup=lookup)
+            if lookup:
+                yield make_policy("lookup", None, rule, flat_cost_model(per_node))
+    yield make_policy("caddtree", None, "exact", flat_cost_model(1e-6), calibrate=False, lookup=lookup)
+    yield make_policy("caddtree", None, "exact", flat_cost_model(1e-6), lookup=False)
 
 
 def random_prompts(count: int, vocab: int, seed: int) -> list[torch.Tensor]:
@@ -65,6 +69,24 @@ def test_every_method_matches_greedy(arch, block_size):
             assert result.tokens == expected, f"{policy.name} {getattr(policy, 'budget', '')}"
             accepted_more_than_one |= max(r.emitted for r in result.rounds) > 1
     assert accepted_more_than_one, "no round accepted a draft token: the test exercised nothing"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_lookup_and_hybrid_trees_match_greedy_on_text_that_repeats_itself(arch):
+    """Prompts that repeat a stretch: lookups are proposed and accepted, alone and beside a drafter."""
+    target = tiny_target(arch, vocab_size=24, seed=11)
+    engine = Engine(target, random_drafter(target, num_layers=1, block_size=5, seed=1))
+    engine.eos_ids = set()
+    looked_up_and_accepted = {"lookup": 0, "caddtree": 0}
+    for prompt in random_prompts(3, 24, seed=5):
+        prompt = torch.cat([prompt, prompt, prompt[:3]])
+        expected = greedy_reference(target, prompt, 40, set())
+        for rule in ("greedy", "exact"):
+            for method in looked_up_and_accepted:
+                result = engine.generate(prompt, make_policy(method, None, rule, flat_cost_model(1e-4)), 40)
+                assert result.tokens == expected, (method, rule)
+                looked_up_and_accepted[method] += sum(r.emitted > 1 and not r.drafted for r in result.rounds)
+    assert all(looked_up_and_accepted.values()), looked_up_and_accepted
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -108,7 +130,8 @@ def test_fixed_shape_verification_is_lossless(arch):
         expected = greedy_reference(target, prompt, 40, set())
         for policy in (make_policy("ar"), make_policy("dflash"), make_policy("ddtree", 5), make_policy("ddtree", 40),
                        make_policy("caddtree", None, "exact", flat_cost_model(1e-6)),
-                       make_policy("caddtree", None, "greedy", flat_cost_model(1e-3))):
+                       make_policy("caddtree", None, "greedy", flat_cost_model(1e-3)),
+                       make_policy("lookup", None, "exact", flat_cost_model(1e-6))):
             assert engine.generate(prompt, policy, 40).tokens == expected, policy.name
 
 
@@ -123,7 +146,7 @@ def test_a_draft_vocabulary_keeps_every_method_exact_and_drafts_only_its_tokens(
     engine.verifier.verify = lambda tokens, *rest: verified.append(tokens[1:]) or verify(tokens, *rest)
     for prompt in random_prompts(3, 24, seed=4):
         expected = greedy_reference(target, prompt, 25, set())
-        for policy in policies():
+        for policy in policies(lookup=False):  # lookups may propose any token
             assert engine.generate(prompt, policy, 25).tokens == expected, policy.name
     drafted = torch.cat(verified)
     assert len(drafted) > 100 and torch.isin(drafted, draft_vocab).all()

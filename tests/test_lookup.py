@@ -1,0 +1,201 @@
+"""The lookup proposer and the merge of its nodes with the drafter's, against brute force."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from caddtree.decode.lookup import MAX_CANDIDATES, LookupProposer, NgramIndex, node_kind
+from caddtree.tree.build import RankedNodes, rank_nodes
+from caddtree.tree.merge import live_count, merge_ranked
+
+
+def random_text(length: int, vocab: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    text = []
+    while len(text) < length:  # copies of earlier stretches, as grounded answers have
+        if text and rng.random() < 0.4:
+            start = rng.randrange(len(text))
+            text += text[start : start + rng.randint(1, 12)]
+        else:
+            text.append(rng.randrange(vocab))
+    return text[:length]
+
+
+def brute_earlier_ends(text: list[int], n: int) -> list[int]:
+    suffix = text[len(text) - n :]
+    return [end for end in range(n, len(text)) if text[end - n : end] == suffix]
+
+
+def brute_match_length(text: list[int], end: int) -> int:
+    length = 0
+    while length < min(32, end) and text[end - 1 - length] == text[-1 - length]:
+        length += 1
+    return length
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_index_finds_every_earlier_occurrence_of_every_suffix(seed):
+    text = random_text(300, vocab=5 + 10 * seed, seed=seed)
+    index = NgramIndex()
+    rng = random.Random(seed)
+    position = 0
+    while position < len(text):
+        step = rng.randint(1, 9)  # appended in chunks, as rounds emit them
+        index.extend(text[position : position + step])
+        position = min(position + step, len(text))
+        prefix = text[:position]
+        for n in range(1, index.max_n + 1):
+            expected = brute_earlier_ends(prefix, n) if n <= len(prefix) else []
+            assert index.earlier_ends(n) == expected
+            for end in expected:
+                assert index.match_length(end) == brute_match_length(prefix, end)
+
+
+def paths_of(nodes: RankedNodes) -> list[tuple[int, ...]]:
+    tokens, parents = nodes.tokens.tolist(), nodes.parents.tolist()
+    paths = []
+    for node in range(len(tokens)):
+        path = [tokens[node]]
+        parent = parents[node]
+        while parent >= 0:
+            path.append(tokens[parent])
+            parent = parents[parent]
+        paths.append(tuple(reversed(path)))
+    return paths
+
+
+def check_best_first_tree(nodes: RankedNodes, count: int | None = None) -> None:
+    """Every prefix is a tree: parents come first; weights never increase; depths agree."""
+    count = nodes.size if count is None else count
+    parents, depths = nodes.parents[:count].tolist(), nodes.depths[:count].tolist()
+    weights = nodes.log_weights[:count].tolist()
+    for node, parent in enumerate(parents):
+        assert parent < node
+        assert depths[node] == (1 if parent < 0 else depths[parent] + 1)
+    assert all(a >= b for a, b in zip(weights, weights[1:]))
+    assert len(set(paths_of(nodes)[:count])) == count, "a path appears twice"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_proposed_paths_continue_earlier_occurrences_of_the_longest_matching_suffix(seed):
+    text = random_text(200, vocab=8, seed=seed)
+    proposer = LookupProposer()
+    proposer.reset(text)
+    nodes = proposer.propose(max_depth=6, device="cpu")
+    longest = max(n for n in range(1, 5) if brute_earlier_ends(text, n))
+    ends = brute_earlier_ends(text, longest)
+    continuations = {tuple(text[end : end + 6]) for end in ends}
+    check_best_first_tree(nodes)
+    leaves = set(paths_of(nodes)) - {path[:-1] for path in paths_of(nodes)}
+    assert 1 <= len(leaves) <= MAX_CANDIDATES
+    assert leaves <= continuations
+    # The longest true matches are the ones followed.
+    best_match = max(brute_match_length(text, end) for end in ends)
+    followed = [end for end in ends if tuple(text[end : end + 6]) in leaves]
+    assert max(brute_match_length(text, end) for end in followed) == best_match
+
+
+def sibling_probabilities(nodes: RankedNodes) -> dict[int, list[float]]:
+    """Per parent, each child's probability given its parent."""
+    weights, parents = nodes.log_weights.tolist(), nodes.parents.tolist()
+    by_parent = {}
+    for node, parent in enumerate(parents):
+        base = weights[parent] if parent >= 0 else 0.0
+        by_parent.setdefault(parent, []).append(math.exp(weights[node] - base))
+    return by_parent
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_probabilities_are_probabilities_and_learn_from_the_target_choices(seed):
+    text = random_text(150, vocab=6, seed=seed)
+    proposer = LookupProposer()
+    proposer.reset(text)
+    rng = random.Random(seed)
+    tried = 0
+    for round_number in range(40):
+        nodes = proposer.propose(max_depth=5, device="cpu")
+        if nodes is None:  # the text ends in a token never seen before
+            proposer.observe([rng.randrange(6)])
+            continue
+        tried += 1
+        for probabilities in sibling_probabilities(nodes).values():
+            assert all(0 < p <= 1 for p in probabilities) and sum(probabilities) <= 1 + 1e-9
+        # The root's first-ranked child: alone of its kind among the nodes this choice tests.
+        first, child = next((token, child) for token, child in proposer._trie.children[-1].items()
+                            if proposer._kinds[child][1] == 0)
+        kind = proposer._kinds[child]
+        before = proposer.statistics.rate(kind)
+        accept = rng.random() < 0.5
+        chosen = first if accept else 100 + round_number  # a token no node proposes
+        proposer.observe([chosen])
+        after = proposer.statistics.rate(kind)
+        assert after > before if accept else after < before
+        assert proposer.index.tokens[-1] == chosen
+    assert tried >= 20
+
+
+def test_kinds_order_by_match_length_and_rank():
+    assert node_kind(1, 0) < node_kind(4, 0) < node_kind(40, 0)
+    assert node_kind(4, 5) == node_kind(4, 2)
+
+
+def test_no_earlier_match_proposes_nothing():
+    proposer = LookupProposer()
+    proposer.reset([1, 2, 3, 4])
+    assert proposer.propose(max_depth=4, device="cpu") is None
+    proposer.observe([5])  # nothing was proposed: only the text grows
+    assert proposer.index.tokens == [1, 2, 3, 4, 5]
+
+
+def random_lookup_nodes(seed: int) -> RankedNodes:
+    text = random_text(120, vocab=5, seed=seed)
+    proposer = LookupProposer()
+    proposer.reset(text)
+    return proposer.propose(max_depth=6, device="cpu")
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("max_nodes", [3, 20, 200])
+def test_merge_is_the_union_with_the_larger_weight_prefix_closed_and_without_twins(seed, max_nodes):
+    generator = torch.Generator().manual_seed(seed)
+    log_probs = torch.log_softmax(3 * torch.randn(4, 5, generator=generator), dim=-1)
+    drafted = rank_nodes(log_probs, 30)
+    drafted = RankedNodes(drafted.tokens, drafted.parents, drafted.depths, drafted.log_weights.double(), drafted.num_depths)
+    looked_up = random_lookup_nodes(seed)
+    merged, drafter_index = merge_ranked(drafted, looked_up, max_nodes)
+
+    live = int(live_count(merged))
+    check_best_first_tree(merged, live)
+    assert torch.isinf(merged.log_weights[live:]).all()
+    expected = {}
+    for nodes in (drafted, looked_up):
+        for path, weight in zip(paths_of(nodes), nodes.log_weights.tolist()):
+            expected[path] = max(weight, expected.get(path, -math.inf))
+    best = sorted(expected.items(), key=lambda item: (-item[1], len(item[0])))
+    found = dict(zip(paths_of(merged)[:live], merged.log_weights[:live].tolist()))
+    assert live == min(max_nodes, len(expected))
+    for path, weight in found.items():
+        assert weight == pytest.approx(expected[path])
+    assert sorted(found.values(), reverse=True) == pytest.approx([weight for _, weight in best[:live]])
+    drafter_paths = paths_of(drafted)
+    for path, index in zip(paths_of(merged)[:live], drafter_index[:live].tolist()):
+        assert (index >= 0) == (path in drafter_paths)
+        assert index < 0 or drafter_paths[index] == path
+
+
+def test_the_drafter_is_credited_only_with_the_accepted_nodes_it_proposed():
+    from caddtree.decode.acceptance import accepted_path
+    from caddtree.decode.engine import Engine
+    from caddtree.tree.build import tree_from_ranked
+
+    # root -> 5 (drafter) -> 6 (lookup only); root -> 8 (drafter). The target chooses 5, 6, then 9.
+    nodes = RankedNodes(torch.tensor([5, 8, 6]), torch.tensor([-1, -1, 0]), torch.tensor([1, 1, 2]),
+                        torch.tensor([-0.1, -0.5, -0.7]), 2)
+    choices = torch.tensor([5, 6, 0, 9])  # per tree position: root, 5, 8, 6
+    for from_drafter, credited in ((torch.tensor([True, True, False]), 1), (None, 2)):
+        tree = tree_from_ranked(nodes, 3, from_drafter)
+        accepted = accepted_path(tree, choices, 3)
+        assert int(accepted.length) == 3
+        assert int(Engine._drafter_nodes(tree, accepted)) == credited
