@@ -1,12 +1,13 @@
 """The lookup proposer and the merge of its nodes with the drafter's, against brute force."""
 
+import copy
 import math
 import random
 
 import pytest
 import torch
 
-from caddtree.decode.lookup import MAX_CANDIDATES, LookupProposer, NgramIndex, node_kind
+from caddtree.decode.lookup import MAX_CANDIDATES, KindStatistics, LookupProposer, NgramIndex, node_kind
 from caddtree.tree.build import RankedNodes, rank_nodes
 from caddtree.tree.merge import live_count, merge_ranked
 
@@ -126,14 +127,33 @@ def test_probabilities_are_probabilities_and_learn_from_the_target_choices(seed)
         first, child = next((token, child) for token, child in proposer._trie.children[-1].items()
                             if proposer._kinds[child][1] == 0)
         kind = proposer._kinds[child]
-        before = proposer.statistics.rate(kind)
-        accept = rng.random() < 0.5
-        chosen = first if accept else 100 + round_number  # a token no node proposes
-        proposer.observe([chosen])
-        after = proposer.statistics.rate(kind)
-        assert after > before if accept else after < before
-        assert proposer.index.tokens[-1] == chosen
+        # The same round seen both ways: the target takes this node, or a token no node proposes.
+        rejecting = copy.deepcopy(proposer)
+        rejecting.observe([100 + round_number])
+        accepted_before = proposer.statistics.accepted.get(kind, 0)
+        tested_before = proposer.statistics.tested.get(kind, 0)
+        proposer.observe([first])
+        assert proposer.statistics.accepted[kind] == accepted_before + 1
+        assert proposer.statistics.tested[kind] == rejecting.statistics.tested[kind] == tested_before + 1
+        assert rejecting.statistics.accepted.get(kind, 0) == accepted_before
+        assert proposer.statistics.rate(kind) > rejecting.statistics.rate(kind)
+        assert proposer.index.tokens[-1] == first
+        if rng.random() < 0.5:
+            proposer = rejecting
     assert tried >= 20
+
+
+def test_rejections_of_some_kinds_lower_the_rates_of_kinds_not_yet_seen():
+    statistics = KindStatistics()
+    unseen = node_kind(6, 0)
+    fresh = statistics.rate(unseen)
+    for _ in range(10):
+        statistics.record(node_kind(1, 0), False)
+        statistics.record(node_kind(2, 1), False)
+    assert statistics.rate(unseen) < fresh / 3
+    for _ in range(40):
+        statistics.record(node_kind(1, 0), True)
+    assert statistics.rate(unseen) > fresh
 
 
 def test_kinds_order_by_match_length_and_rank():

@@ -28,6 +28,7 @@ RECENT_OCCURRENCES = 64  # only the latest occurrences of a short n-gram are com
 LENGTH_BOUNDS = (1, 2, 3, 4, 6, 8, 12, 16, 24)  # kinds of nodes: lower bounds of the match length
 MAX_RANK = 2  # siblings ranked beyond this share one kind
 PRIOR_ROUNDS = 2.0  # pseudo-observations of each kind, at its prior rate
+MAX_PRIOR = 0.95  # no kind is certain before it is seen
 
 
 class NgramIndex:
@@ -77,19 +78,32 @@ def prior_rate(kind: tuple[int, int]) -> float:
 @dataclass
 class KindStatistics:
     """Per kind of node: how often a node of that kind, tested (its parent was on the target's
-    path), was the target's choice; counted over this generation."""
+    path), was the target's choice; counted over this generation.
+
+    A kind seen rarely leans on its prior rate, scaled by how all lookups have fared against
+    their priors so far: on text that does not repeat, every kind learns from the first
+    rejections of any, instead of each paying for its own."""
 
     tested: dict = field(default_factory=dict)
     accepted: dict = field(default_factory=dict)
+    all_accepted: int = 0
+    all_expected: float = 0.0  # the sum of the prior rates of every tested node
+
+    @property
+    def pooled_ratio(self) -> float:
+        """Accepted nodes per node the priors expected, over every kind (1 before any evidence)."""
+        return (self.all_accepted + 1) / (self.all_expected + 1)
 
     def rate(self, kind: tuple[int, int]) -> float:
-        prior = prior_rate(kind)
+        prior = min(MAX_PRIOR, prior_rate(kind) * self.pooled_ratio)
         accepted = self.accepted.get(kind, 0) + PRIOR_ROUNDS * prior
         return accepted / (self.tested.get(kind, 0) + PRIOR_ROUNDS)
 
     def record(self, kind: tuple[int, int], was_accepted: bool) -> None:
         self.tested[kind] = self.tested.get(kind, 0) + 1
         self.accepted[kind] = self.accepted.get(kind, 0) + was_accepted
+        self.all_accepted += was_accepted
+        self.all_expected += prior_rate(kind)
 
 
 @dataclass
