@@ -183,7 +183,7 @@ def _add_bench_parser(commands) -> None:
 
     bench = commands.add_parser("bench", help="the paper's evaluation: every method side by side, tables and plots")
     bench.add_argument("--datasets", type=_name_list(),
-                       help=f"comma-separated, from {', '.join(PROMPT_SETS)} (default: humaneval,mt-bench; "
+                       help=f"comma-separated, from {', '.join(PROMPT_SETS)} (default: humaneval,mt-bench,grounded; "
                             "with --prompts: every set in the file)")
     bench.add_argument("--n", "--num-prompts", dest="n", type=_positive_int, default=20,
                        help="prompts per dataset, drawn with --seed (default 20); under torchrun write "
