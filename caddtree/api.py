@@ -106,13 +106,13 @@ class Pair:
                  on_text: Callable[[str], bool | None] | None = None) -> GenerationResult:
         """Generate a reply to `prompt` (text, or a conversation: [{"role": ..., "content": ...}, ...]).
 
-        `method` "lookup" drafts only continuations found in the context (no drafter); caddtree adds
+        `method` "lookup" drafts only continuations found in the context (the drafter is not used); caddtree adds
         them to the drafter's tree unless `lookup` is False.
 
         `on_text` receives the text as it grows (streaming); returning True ends the generation
         after that piece (`finish_reason` "caller")."""
         sampling = Sampling(temperature, top_p, top_k)
-        check_policy_arguments(method, budget, rule)
+        check_policy_arguments(method, budget, rule, lookup)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         prompt_ids = encode_chat(self.target, messages, raw)
         model = self.cost_model(cost_model, on_text is not None) if method in COST_AWARE_METHODS else None

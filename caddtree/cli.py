@@ -14,7 +14,7 @@ from caddtree.errors import CaddtreeError
 
 PROG = "caddtree"
 METHOD_CHOICES = ["ar", "dflash", "ddtree", "caddtree", "lookup"]
-METHOD_HELP = "caddtree (default); lookup: continuations found in the context, no drafter needed"
+METHOD_HELP = "caddtree (default); lookup: continuations found in the context, no trained drafter needed"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -249,7 +249,7 @@ def run_generate(args) -> None:
 
     prompt = _read_prompt(args.prompt)
     check_prompt_text(prompt)
-    check_policy_arguments(args.method, args.budget, args.rule)
+    check_policy_arguments(args.method, args.budget, args.rule, args.lookup)
     Sampling(args.temperature, args.top_p, args.top_k)
     if args.cost_model != "auto" and args.method in COST_AWARE_METHODS and not os.path.isfile(args.cost_model):
         raise CaddtreeError(f"cost model file not found: {args.cost_model}")
@@ -455,7 +455,7 @@ def run_serve(args) -> None:
     from caddtree.decode.policy import COST_AWARE_METHODS, check_policy_arguments
     from caddtree.server.app import create_app
 
-    check_policy_arguments(args.method, args.budget, args.rule)
+    check_policy_arguments(args.method, args.budget, args.rule, args.lookup)
     if not 0 < args.port < 65536:
         raise CaddtreeError(f"--port must be in 1..65535, got {args.port}")
     cost_aware = args.method in COST_AWARE_METHODS

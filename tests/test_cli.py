@@ -97,6 +97,11 @@ def test_unknown_method(capsys, models):
                       "--method", "invalid choice", "'foo'", only_line=True)
 
 
+def test_no_lookup_with_another_method(capsys, models):
+    assert_user_error(capsys, generate_args(models, "w3", "--method", "ar", "--no-lookup"),
+                      "--no-lookup applies to caddtree only", only_line=True)
+
+
 def test_negative_budget(capsys, models):
     assert_user_error(capsys, generate_args(models, "w3", "--budget", "-1"),
                       "--budget", "must be >= 0, got -1", only_line=True)

@@ -219,3 +219,38 @@ def test_the_drafter_is_credited_only_with_the_accepted_nodes_it_proposed():
         accepted = accepted_path(tree, choices, 3)
         assert int(accepted.length) == 3
         assert int(Engine._drafter_nodes(tree, accepted)) == credited
+
+
+def test_merging_with_an_empty_list_keeps_the_other():
+    looked_up = random_lookup_nodes(1)
+    empty = rank_nodes(torch.zeros(3, 5), 0)
+    merged, drafter_index = merge_ranked(empty, looked_up, 4)
+    assert paths_of(merged) == paths_of(looked_up)[:4] and (drafter_index == -1).all()
+    merged, drafter_index = merge_ranked(looked_up, empty, 100)
+    assert paths_of(merged) == paths_of(looked_up) and drafter_index.tolist() == list(range(looked_up.size))
+
+
+def test_caddtree_with_a_budget_of_zero_and_lookups_decodes_plainly():
+    from caddtree.decode.engine import Engine
+    from caddtree.decode.policy import make_policy
+    from caddtree.models.drafter_io import random_drafter
+    from test_lossless import flat_cost_model, greedy_reference
+    from tiny import tiny_target
+
+    target = tiny_target("llama", vocab_size=24, seed=11)
+    engine = Engine(target, random_drafter(target, num_layers=1, block_size=5, seed=1))
+    engine.eos_ids = set()
+    prompt = torch.tensor([3, 4, 5, 6, 3, 4, 5, 6, 3, 4])
+    result = engine.generate(prompt, make_policy("caddtree", 0, "exact", flat_cost_model(1e-6)), 20)
+    assert result.tokens == greedy_reference(target, prompt, 20, set())
+    assert all(r.budget == 0 for r in result.rounds)
+
+
+def test_no_lookup_is_refused_for_methods_other_than_caddtree():
+    from caddtree.decode.policy import check_policy_arguments
+    from caddtree.errors import CaddtreeError
+
+    for method in ("ar", "dflash", "ddtree", "lookup"):
+        with pytest.raises(CaddtreeError, match="--no-lookup applies to caddtree only"):
+            check_policy_arguments(method, None, "exact", lookup=False)
+    check_policy_arguments("caddtree", None, "exact", lookup=False)

@@ -151,32 +151,35 @@ class CostAware(Policy):
 
     def build(self, proposals, context_len):
         convex = self.rule == "greedy"
-        ranked, drafter_gains, drafter_index = self._ranked(proposals)
+        lookup = proposals.lookup if self.uses_lookup else None
+        ranked, drafter_gains, drafter_index = self._ranked(proposals.drafter_ranked if proposals.drafted else None, lookup)
         gains = ranked.log_weights.double().exp()
         round_costs = self.cost_model.round_costs(ranked.size, context_len, convex, gains.device, proposals.drafted)
         tokens_per_second = throughput(gains, round_costs)
-        choose = greedy_budget if convex else exact_budget
-        budget = torch.minimum(choose(tokens_per_second), live_count(ranked))
+        budget = torch.minimum(self._choose(tokens_per_second), live_count(ranked))
         promised = torch.cat([gains.new_zeros(1), drafter_gains.cumsum(0)])[budget]  # unscaled, as the surrogate said
-        rate_without_drafter = self._rate_without_drafter(proposals, context_len, convex)
+        reads = [budget.to(gains.dtype), promised, tokens_per_second[budget]]
+        if proposals.drafted:
+            reads.append(self._rate_without_drafter(lookup, context_len))
         # One host read: the budget, the drafter's promised Φ, and the rates with and without it.
-        budget, promised, rate, rate_without_drafter = torch.stack(
-            [budget.to(gains.dtype), promised, tokens_per_second[budget], rate_without_drafter]).tolist()
+        budget, promised, rate, *rate_without_drafter = torch.stack(reads).tolist()
         if proposals.drafted:
             self._promised = promised
-            self._skip.record(drafting_paid=rate >= rate_without_drafter)
+            self._skip.record(drafting_paid=rate >= rate_without_drafter[0])
         from_drafter = None if drafter_index is None else drafter_index >= 0
         return tree_from_ranked(ranked, int(budget), from_drafter)
 
-    def _ranked(self, proposals: Proposals) -> tuple[RankedNodes, torch.Tensor, torch.Tensor | None]:
+    def _choose(self, tokens_per_second: torch.Tensor) -> torch.Tensor:
+        return greedy_budget(tokens_per_second) if self.rule == "greedy" else exact_budget(tokens_per_second)
+
+    def _ranked(self, drafter_ranked, lookup: RankedNodes | None) -> tuple[RankedNodes, torch.Tensor, torch.Tensor | None]:
         """This round's best-first nodes; the drafter's own, unscaled weight of each (0 where it
         did not propose it); and each node's index among the drafter's (-1: lookup only; None
-        when no lookup was merged in)."""
-        lookup = proposals.lookup if self.uses_lookup else None
-        if not proposals.drafted:
+        when no lookup was merged in). `drafter_ranked(n)` gives the drafter's n best, if it ran."""
+        if drafter_ranked is None:
             ranked = lookup.first(self.max_nodes)
             return ranked, ranked.log_weights.new_zeros(ranked.size, dtype=torch.float64), None
-        drafted = proposals.drafter_ranked(self.max_nodes)
+        drafted = drafter_ranked(self.max_nodes)
         drafter_gains = drafted.log_weights.double().exp()
         if self.calibrate:
             drafted = replace(drafted, log_weights=drafted.log_weights + math.log(self.calibration.ratio))
@@ -186,14 +189,15 @@ class CostAware(Policy):
         drafter_gains = torch.where(drafter_index >= 0, drafter_gains[drafter_index.clamp(min=0)], 0.0)
         return merged, drafter_gains, drafter_index
 
-    def _rate_without_drafter(self, proposals: Proposals, context_len: int, convex: bool) -> torch.Tensor:
-        """0-d: the best expected tokens per second of this round had the drafter not run."""
-        lookup = proposals.lookup if self.uses_lookup else None
+    def _rate_without_drafter(self, lookup: RankedNodes | None, context_len: int) -> torch.Tensor:
+        """0-d: the expected tokens per second of this round's pick, had the drafter not run."""
+        convex = self.rule == "greedy"
         if lookup is None:
             return torch.tensor(1 / self.cost_model.plain_step_seconds(context_len, convex), dtype=torch.float64)
         lookup = lookup.first(self.max_nodes)
         costs = self.cost_model.round_costs(lookup.size, context_len, convex, lookup.tokens.device, drafted=False)
-        return throughput(lookup.log_weights.double().exp(), costs).max()
+        rates = throughput(lookup.log_weights.double().exp(), costs)
+        return rates[self._choose(rates)]
 
     def observe(self, drafter_nodes: int) -> None:
         if self._promised is not None:  # rounds without a draft teach the calibration nothing
@@ -201,7 +205,7 @@ class CostAware(Policy):
         self._promised = None
 
 
-def check_policy_arguments(method: str, budget: int | None = None, rule: str = "exact") -> None:
+def check_policy_arguments(method: str, budget: int | None = None, rule: str = "exact", lookup: bool = True) -> None:
     """Reject a user's bad method, budget or rule before any work is done."""
     if method not in METHODS:
         raise CaddtreeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -209,6 +213,8 @@ def check_policy_arguments(method: str, budget: int | None = None, rule: str = "
         raise CaddtreeError(f"the budget must be >= 0, got {budget}")
     if rule not in RULES:
         raise CaddtreeError(f"unknown budget rule {rule!r}; choose greedy or exact")
+    if not lookup and method != "caddtree":
+        raise CaddtreeError(f"--no-lookup applies to caddtree only, not to method {method!r}")
 
 
 def make_policy(method: str, budget: int | None = None, rule: str = "exact",
@@ -216,7 +222,7 @@ def make_policy(method: str, budget: int | None = None, rule: str = "exact",
     """The policy for a method. For caddtree and lookup, `budget` caps the tree (default: the
     largest profiled size); for ddtree it is the fixed size (default 64). `lookup` lets caddtree
     add continuations found in the context to the drafter's tree."""
-    check_policy_arguments(method, budget, rule)
+    check_policy_arguments(method, budget, rule, lookup)
     if method == "ar":
         return Autoregressive()
     if method == "dflash":

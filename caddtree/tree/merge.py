@@ -33,6 +33,12 @@ def merge_ranked(first: RankedNodes, second: RankedNodes, max_nodes: int) -> tup
     index in `first`, -1 for a node that only `second` proposed. Nodes of `second` that `first` also holds stay in the list with
     weight 0 (log -inf) at its end, so that no size depends on data the host has not read:
     a caller choosing a size must stop before them (see `live_count`)."""
+    if second.size == 0:  # nothing to compare
+        kept = first.first(max_nodes)
+        return kept, torch.arange(kept.size, device=kept.tokens.device)
+    if first.size == 0:  # a budget of 0 for the drafter, say
+        kept = second.first(max_nodes)
+        return kept, torch.full_like(kept.tokens, -1)
     depth = max(first.num_depths, second.num_depths)
     same = (node_paths(second, depth)[:, None, :] == node_paths(first, depth)[None, :, :]).all(-1)  # (n2, n1)
     duplicate = same.any(dim=1)  # (n2,)
