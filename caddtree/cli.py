@@ -234,7 +234,8 @@ def _load(args):
     parse_device(args.device), parse_dtype(args.dtype)  # fail before announcing the load
     _say(f"loading target {target_label(args.target)} ...")
     pair = load(args.target, args.drafter, args.device, args.dtype, args.cuda_graphs)
-    _say(f"drafter: {pair.drafter_description}")
+    if getattr(args, "method", None) != "lookup":  # lookup never drafts
+        _say(f"drafter: {pair.drafter_description}")
     return pair
 
 
