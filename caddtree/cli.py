@@ -239,12 +239,20 @@ def _load(args):
     return pair
 
 
+def _check_cost_model_file(spec: str, methods: list[str]) -> None:
+    """A cost-model file that the methods would read must exist (checked before the slow load)."""
+    from caddtree.decode.policy import COST_AWARE_METHODS
+
+    if spec != "auto" and set(COST_AWARE_METHODS) & set(methods) and not os.path.isfile(spec):
+        raise CaddtreeError(f"cost model file not found: {spec}")
+
+
 def _read_prompt(text: str) -> str:
     return sys.stdin.read() if text == "-" else text
 
 
 def run_generate(args) -> None:
-    from caddtree.decode.policy import COST_AWARE_METHODS, check_policy_arguments
+    from caddtree.decode.policy import check_policy_arguments
     from caddtree.decode.sampling import Sampling
     from caddtree.models.target import check_prompt_text
 
@@ -252,8 +260,7 @@ def run_generate(args) -> None:
     check_prompt_text(prompt)
     check_policy_arguments(args.method, args.budget, args.rule, args.lookup)
     Sampling(args.temperature, args.top_p, args.top_k)
-    if args.cost_model != "auto" and args.method in COST_AWARE_METHODS and not os.path.isfile(args.cost_model):
-        raise CaddtreeError(f"cost model file not found: {args.cost_model}")
+    _check_cost_model_file(args.cost_model, [args.method])
     pair = _load(args)
     stream = None if args.json else lambda text: print(text, end="", flush=True)
     options = dict(
@@ -335,13 +342,10 @@ def run_profile(args) -> None:
 def run_bench(args) -> None:
     from caddtree.bench.options import BenchOptions
     from caddtree.bench.run import run_bench as bench
-    from caddtree.decode.policy import COST_AWARE_METHODS
 
     if args.prompts and not os.path.isfile(args.prompts):
         raise CaddtreeError(f"prompt file not found: {args.prompts}")
-    cost_aware = set(COST_AWARE_METHODS) & set(args.methods)
-    if args.cost_model != "auto" and cost_aware and not os.path.isfile(args.cost_model):
-        raise CaddtreeError(f"cost model file not found: {args.cost_model}")
+    _check_cost_model_file(args.cost_model, args.methods)
     options = BenchOptions(
         out=args.out, datasets=args.datasets, n=args.n, budgets=args.budgets, methods=args.methods,
         temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
@@ -459,11 +463,10 @@ def run_serve(args) -> None:
     check_policy_arguments(args.method, args.budget, args.rule, args.lookup)
     if not 0 < args.port < 65536:
         raise CaddtreeError(f"--port must be in 1..65535, got {args.port}")
-    cost_aware = args.method in COST_AWARE_METHODS
-    if args.cost_model != "auto" and cost_aware and not os.path.isfile(args.cost_model):
-        raise CaddtreeError(f"cost model file not found: {args.cost_model}")
+    _check_cost_model_file(args.cost_model, [args.method])
     _check_bindable(args.host, args.port)  # before the slow load
     pair = _load(args)
+    cost_aware = args.method in COST_AWARE_METHODS
     cost_model = pair.cost_model(args.cost_model) if cost_aware else None  # profiled now, not mid-request
     options = {"method": args.method, "budget": args.budget, "rule": args.rule, "cost_model": cost_model,
                "lookup": args.lookup}

@@ -149,12 +149,16 @@ class CostAware(Policy):
     def largest_tree(self, draft_len: int) -> int:
         return self.max_nodes
 
+    @property
+    def convex(self) -> bool:
+        """The greedy rule reads the convex fit of the cost curve; the exact rule the monotone one."""
+        return self.rule == "greedy"
+
     def build(self, proposals, context_len):
-        convex = self.rule == "greedy"
         lookup = proposals.lookup if self.uses_lookup else None
         ranked, drafter_gains, drafter_index = self._ranked(proposals.drafter_ranked if proposals.drafted else None, lookup)
         gains = ranked.log_weights.double().exp()
-        round_costs = self.cost_model.round_costs(ranked.size, context_len, convex, gains.device, proposals.drafted)
+        round_costs = self.cost_model.round_costs(ranked.size, context_len, self.convex, gains.device, proposals.drafted)
         tokens_per_second = throughput(gains, round_costs)
         budget = torch.minimum(self._choose(tokens_per_second), live_count(ranked))
         promised = torch.cat([gains.new_zeros(1), drafter_gains.cumsum(0)])[budget]  # unscaled, as the surrogate said
@@ -170,7 +174,7 @@ class CostAware(Policy):
         return tree_from_ranked(ranked, int(budget), from_drafter)
 
     def _choose(self, tokens_per_second: torch.Tensor) -> torch.Tensor:
-        return greedy_budget(tokens_per_second) if self.rule == "greedy" else exact_budget(tokens_per_second)
+        return greedy_budget(tokens_per_second) if self.convex else exact_budget(tokens_per_second)
 
     def _ranked(self, drafter_ranked, lookup: RankedNodes | None) -> tuple[RankedNodes, torch.Tensor, torch.Tensor | None]:
         """This round's best-first nodes; the drafter's own, unscaled weight of each (0 where it
@@ -191,11 +195,10 @@ class CostAware(Policy):
 
     def _rate_without_drafter(self, lookup: RankedNodes | None, context_len: int) -> torch.Tensor:
         """0-d: the expected tokens per second of this round's pick, had the drafter not run."""
-        convex = self.rule == "greedy"
         if lookup is None:
-            return torch.tensor(1 / self.cost_model.plain_step_seconds(context_len, convex), dtype=torch.float64)
+            return torch.tensor(1 / self.cost_model.plain_step_seconds(context_len, self.convex), dtype=torch.float64)
         lookup = lookup.first(self.max_nodes)
-        costs = self.cost_model.round_costs(lookup.size, context_len, convex, lookup.tokens.device, drafted=False)
+        costs = self.cost_model.round_costs(lookup.size, context_len, self.convex, lookup.tokens.device, drafted=False)
         rates = throughput(lookup.log_weights.double().exp(), costs)
         return rates[self._choose(rates)]
 

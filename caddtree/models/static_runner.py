@@ -17,13 +17,13 @@ from transformers.cache_utils import DynamicLayer
 from caddtree.models.target import Target, TargetRunner
 
 BUCKETS = tuple(2**k for k in range(12))  # tree positions (root included) per captured verification: 1..2048
+CAPACITY_STEP = 1024
+PAD_TOKEN = 0
 
 
 def bucket_for(count: int) -> int:
     """The bucket `count` tree positions are padded to; beyond the largest, `count` itself (eager)."""
     return next((b for b in BUCKETS if b >= count), count)
-CAPACITY_STEP = 1024
-PAD_TOKEN = 0
 
 
 def capture_graph(run, pool=None):
