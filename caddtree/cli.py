@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="checkpoint directory (also holds the cached data, history, loss plot)")
     train.add_argument("--data", nargs="+", metavar="FILE",
                        help="train on these records (JSONL, gzip or plain: {\"prompt_ids\": [...], \"response_ids\": [...]} "
-                            "per line) instead of generating answers; they are shuffled with --seed")
+                            "per line) instead of generating answers; they are shuffled with --seed, and "
+                            "--heldout-records come from the first file")
     train.add_argument("--prompts", default="sharegpt", help="sharegpt (default) or a JSONL file with a \"prompt\" per line")
     train.add_argument("--num-prompts", type=_positive_int, default=1000, help="training prompts (default 1000)")
     train.add_argument("--eval-prompts", type=_non_negative_int, default=4,
@@ -436,20 +437,21 @@ def _training_prompts(source: str, count: int, seed: int) -> list[str]:
 
 
 def _training_examples(args, target, prompts: list[str], out):
-    """Records from --data (shuffled with --seed), or the target's answers to `prompts`."""
-    import random
-
+    """Records from --data (shuffled with --seed, held-out ones last), or the target's answers to `prompts`."""
     from caddtree.decode.engine import eos_token_ids
-    from caddtree.train.data import generate_examples, read_data_files
+    from caddtree.train.data import generate_examples, held_out_last, read_data_files
 
     if not args.data:
         return generate_examples(target, prompts, out / "data.jsonl", args.max_new_tokens,
                                  args.generation_batch, eos_token_ids(target))
-    examples = read_data_files(args.data, target.model.get_output_embeddings().weight.shape[0])
+    files = read_data_files(args.data, target.model.get_output_embeddings().weight.shape[0])
+    if args.heldout_records >= len(files[0]):
+        raise CaddtreeError(f"--heldout-records {args.heldout_records} must be fewer than the {len(files[0])} records "
+                            f"of the first --data file ({args.data[0]}), which they come from")
+    examples = held_out_last(files, args.heldout_records, args.seed)
     longest = max(len(e.token_ids) for e in examples)
     if longest >= target.max_positions:
         raise CaddtreeError(f"a record of --data holds {longest} tokens; the target's context holds {target.max_positions}")
-    random.Random(args.seed).shuffle(examples)
     _say(f"read {len(examples)} records, {sum(len(e.response_ids) for e in examples)} answer tokens")
     return examples
 

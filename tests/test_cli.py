@@ -402,6 +402,15 @@ def test_train_drafter_rejects_a_malformed_data_file(capsys, models, tmp_path):
                       f"{data} line 2", "response_ids must be a non-empty list of token ids in [0, 32)")
 
 
+def test_train_drafter_takes_held_out_records_from_the_first_file(capsys, models, tmp_path):
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text('{"prompt_ids": [3, 4], "response_ids": [5, 6]}\n' * 3)
+    second.write_text('{"prompt_ids": [7], "response_ids": [8, 9]}\n' * 10)
+    assert_user_error(capsys, ["train-drafter", "--out", tmp_path / "out", "--data", first, second, "--eval-prompts", "0",
+                               "--heldout-records", "3", "--target", models["target"], "--device", "cpu"],
+                      "--heldout-records 3 must be fewer than the 3 records of the first --data file", str(first))
+
+
 def test_train_drafter_names_a_missing_data_file(capsys, tmp_path):
     assert_user_error(capsys, ["train-drafter", "--out", tmp_path, "--data", tmp_path / "nowhere.jsonl.gz"],
                       "data file not found", "nowhere.jsonl.gz", only_line=True)

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from caddtree.decode.lookup import MAX_CANDIDATES, KindStatistics, LookupProposer, NgramIndex, node_kind
+from caddtree.decode.lookup import (MAX_CANDIDATES, PRIOR_ROUNDS, KindStatistics, LookupProposer, NgramIndex, node_kind,
+                                    prior_rate)
 from caddtree.tree.build import RankedNodes, rank_nodes
 from caddtree.tree.merge import live_count, merge_ranked
 
@@ -154,6 +155,21 @@ def test_rejections_of_some_kinds_lower_the_rates_of_kinds_not_yet_seen():
     for _ in range(40):
         statistics.record(node_kind(1, 0), True)
     assert statistics.rate(unseen) > fresh
+
+
+def test_a_rate_seen_more_often_is_trusted_more():
+    """Same share accepted, more evidence: the rate comes closer to the estimate, from below."""
+    kind = node_kind(2, 0)
+    gaps = []
+    for tests in (4, 40, 400):
+        statistics = KindStatistics()
+        for index in range(tests):
+            statistics.record(kind, index % 4 == 0)
+        prior = prior_rate(kind) * statistics.pooled_ratio
+        estimate = (tests / 4 + PRIOR_ROUNDS * prior) / (tests + PRIOR_ROUNDS)
+        assert 0 < statistics.rate(kind) < estimate
+        gaps.append(estimate - statistics.rate(kind))
+    assert gaps[0] > gaps[1] > gaps[2]
 
 
 def test_kinds_order_by_match_length_and_rank():

@@ -309,7 +309,24 @@ def test_data_files_are_read_gzipped_or_plain(tmp_path, gzipped):
     records = [{"prompt_ids": [3, 4], "response_ids": [5, 1]}, {"prompt_ids": [7], "response_ids": [8, 9, 1]}]
     path = write_records(tmp_path / "data.jsonl", [json.dumps(r) for r in records] + [""], gzipped)
     other = write_records(tmp_path / "more.jsonl", [json.dumps(records[0])])
-    assert read_data_files([path, other], 32) == [Example([3, 4], [5, 1]), Example([7], [8, 9, 1]), Example([3, 4], [5, 1])]
+    assert read_data_files([path, other], 32) == [[Example([3, 4], [5, 1]), Example([7], [8, 9, 1])], [Example([3, 4], [5, 1])]]
+
+
+def test_held_out_records_stay_held_out_when_files_are_added():
+    from caddtree.train.data import held_out_last
+
+    first = [Example([n], [n + 1, 1]) for n in range(2, 30)]
+    added = [Example([n], [n, 1]) for n in range(40, 60)] + [Example([n], [9, 1]) for n in range(2, 30)]
+    alone = held_out_last([first], 5, seed=3)
+    together = held_out_last([first, added], 5, seed=3)
+    assert sorted(alone, key=lambda e: e.prompt_ids) == first  # shuffled, nothing lost
+    assert together[-5:] == alone[-5:]
+    held_prompts = {tuple(e.prompt_ids) for e in alone[-5:]}
+    trained = together[:-5]
+    assert not held_prompts & {tuple(e.prompt_ids) for e in trained}  # even the added file's copy of a prompt
+    expected = [e for e in first + added if tuple(e.prompt_ids) not in held_prompts]
+    assert sorted(trained, key=lambda e: (e.prompt_ids, e.response_ids)) == sorted(
+        expected, key=lambda e: (e.prompt_ids, e.response_ids))
 
 
 @pytest.mark.parametrize("line, words", [

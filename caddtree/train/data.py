@@ -89,17 +89,34 @@ def read_examples(path: Path) -> list[Example]:
     return examples
 
 
-def read_data_files(paths: list[str | Path], vocab_size: int) -> list[Example]:
-    """Records from JSONL files (gzip or plain), one {"prompt_ids": [...], "response_ids": [...]}
-    per line; any malformed line is an error naming the file and the line."""
-    examples = []
+def read_data_files(paths: list[str | Path], vocab_size: int) -> list[list[Example]]:
+    """Each file's records, from JSONL files (gzip or plain), one {"prompt_ids": [...],
+    "response_ids": [...]} per line; any malformed line is an error naming the file and the line."""
+    files = []
     for path in map(Path, paths):
-        for number, line in enumerate(_data_lines(path), 1):
-            if line.strip():
-                examples.append(_parse_record(line, vocab_size, f"{path} line {number}"))
-    if not examples:
+        files.append([_parse_record(line, vocab_size, f"{path} line {number}")
+                      for number, line in enumerate(_data_lines(path), 1) if line.strip()])
+    if not any(files):
         raise CaddtreeError(f"no training records in {', '.join(map(str, paths))}")
-    return examples
+    return files
+
+
+def held_out_last(files: list[list[Example]], heldout: int, seed: int) -> list[Example]:
+    """Every file's records shuffled with `seed`, the `heldout` ones last. They are the last of
+    the first file's shuffled records, whatever other files join it, so that a run adding data
+    to an earlier run's first file keeps its held-out records (other files' records with a
+    held-out prompt are dropped)."""
+    first, *others = [_shuffled(records, seed) for records in files]
+    kept_out = first[len(first) - heldout:] if heldout else []
+    held_prompts = {tuple(record.prompt_ids) for record in kept_out}
+    rest = [record for records in others for record in records if tuple(record.prompt_ids) not in held_prompts]
+    return rest + first
+
+
+def _shuffled(records: list[Example], seed: int) -> list[Example]:
+    records = list(records)
+    random.Random(seed).shuffle(records)
+    return records
 
 
 def _data_lines(path: Path) -> list[str]:
