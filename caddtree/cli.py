@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-every", type=_positive_int, default=200)
     train.add_argument("--feature-dtype", choices=["float32", "bfloat16"],
                        help="precision of the target forward that computes features (default: the target's)")
+    train.add_argument("--feature-cache", metavar="DIR",
+                       help="keep the target's features in DIR (several GB per million tokens): a later run on the "
+                            "same records, target and feature options reads them back instead of recomputing")
     train.add_argument("--autocast", action=argparse.BooleanOptionalAction,
                        help="bfloat16 autocast for the drafter's passes (default: on CUDA only; it also pays on "
                             "CPUs with bfloat16 arithmetic, e.g. AVX512-BF16)")
@@ -401,8 +404,8 @@ def run_train_drafter(args) -> None:
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, save_dtype=args.save_dtype,
         sequences_per_step=args.sequences_per_step, anchors_per_sequence=args.anchors, gamma=args.gamma,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, heldout_records=args.heldout_records,
-        mask_token_id=args.mask_token_id, feature_dtype=args.feature_dtype, autocast=args.autocast,
-        distill_top_k=args.distill, init_from=args.init_from, seed=args.seed,
+        mask_token_id=args.mask_token_id, feature_dtype=args.feature_dtype, feature_cache=args.feature_cache,
+        autocast=args.autocast, distill_top_k=args.distill, init_from=args.init_from, seed=args.seed,
     )
     train(target, examples, out, config, eval_prompts)
     print(f"saved drafter to {out} (loss plot: {out / 'loss.png'}, history: {out / 'history.json'})")

@@ -166,6 +166,36 @@ def test_batched_features_equal_one_sequence_at_a_time(tiny_data):
         runner.close()
 
 
+def test_cached_features_are_read_back_and_keyed_by_what_made_them(tiny_data, tmp_path, monkeypatch):
+    from caddtree.errors import CaddtreeError
+    from caddtree.train import features as features_module
+
+    target, examples, _, _ = tiny_data
+    chosen = examples[:4]
+    first, first_teachers = features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, None, 3)
+    written = list(tmp_path.glob("features-*.safetensors"))
+    assert len(written) == 1 and not list(tmp_path.glob("*.partial"))
+    computed = []
+
+    def counting(*args):
+        computed.append(args)
+        return target_features(*args)
+
+    monkeypatch.setattr(features_module, "target_features", counting)
+    again, again_teachers = features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, None, 3)
+    assert not computed  # read back, not recomputed
+    for a, b, ta, tb in zip(first, again, first_teachers, again_teachers):
+        assert torch.equal(a, b) and torch.equal(ta.token_ids, tb.token_ids) and torch.equal(ta.log_probs, tb.log_probs)
+    # Other layers, teacher or records: computed afresh, in a file of their own.
+    features_module.cached_target_features(tmp_path, target, [0, 2], chosen, 40, None, 3)
+    features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, None, 0)
+    features_module.cached_target_features(tmp_path, target, [0, 1], chosen[::-1], 40, None, 3)
+    assert len(computed) == 3 and len(list(tmp_path.glob("features-*.safetensors"))) == 4
+    written[0].write_bytes(written[0].read_bytes()[:100])
+    with pytest.raises(CaddtreeError, match="is damaged .*delete it to recompute"):
+        features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, None, 3)
+
+
 def block_loss(drafter, target, examples, features, anchors, num_blocks, gamma=7.0):
     head = DraftHead(drafter, target.model.get_output_embeddings())
     predictions = predict_blocks(drafter, head, target.model.get_input_embeddings(), [e.token_ids for e in examples],

@@ -7,15 +7,25 @@ drafter features of the target in its own precision.
 
 For distillation the same pass keeps the target's own top-k next-token distribution before every
 answer token (the "teacher"): a far richer signal per position than the one token it chose.
+
+On a CPU the pass takes most of an hour per million tokens, so a run may keep its result on disk
+(`cached_target_features`): the next run on the same records reads it back in about a minute.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+
+from caddtree.errors import CaddtreeError
 
 from caddtree.models.target import Target, TargetRunner
 from caddtree.train.data import Example
@@ -68,3 +78,48 @@ def _teacher(logits: torch.Tensor, prompt_len: int, k: int) -> Teacher:
     before_answers = logits[prompt_len - 1 : -1].float()  # (R, V): position t-1 predicts token t
     top = torch.topk(torch.log_softmax(before_answers, dim=-1), k, dim=-1)
     return Teacher(top.indices.to(torch.int32), top.values.to(torch.float16))
+
+
+def cached_target_features(cache_dir: str | Path, target: Target, layer_ids: list[int], examples: list[Example],
+                           batch_tokens: int | None = None, dtype: torch.dtype | None = None, teacher_top_k: int = 0):
+    """target_features, read from `cache_dir` when a run before computed them for the same target,
+    layers, precision, teacher and records (in the same order); else computed and written there."""
+    path = Path(cache_dir) / f"features-{_fingerprint(target, layer_ids, examples, dtype, teacher_top_k)}.safetensors"
+    if path.is_file():
+        tqdm.write(f"reading the target's features from {path}")
+        return _read(path, len(examples), teacher_top_k, target.device)
+    features, teachers = target_features(target, layer_ids, examples, batch_tokens, dtype, teacher_top_k)
+    _write(path, features, teachers)
+    return features, teachers
+
+
+def _fingerprint(target: Target, layer_ids, examples, dtype, teacher_top_k) -> str:
+    digest = hashlib.sha256(repr((target.name, layer_ids, str(dtype), teacher_top_k)).encode())
+    # The weights by a checksum of every parameter: a retrained or other target under the same name differs.
+    checksum = sum(parameter.double().sum().item() for parameter in target.model.parameters())
+    digest.update(repr(checksum).encode())
+    for example in examples:
+        digest.update(example.token_ids.to(torch.int32).numpy().tobytes() + b"|%d|" % len(example.prompt_ids))
+    return digest.hexdigest()[:20]
+
+
+def _write(path: Path, features: list[torch.Tensor], teachers: list[Teacher | None]) -> None:
+    tensors = {f"features.{i}": feature.cpu() for i, feature in enumerate(features)}
+    for i, teacher in enumerate(teachers):
+        if teacher is not None:
+            tensors[f"teacher_ids.{i}"], tensors[f"teacher_log_probs.{i}"] = teacher.token_ids.cpu(), teacher.log_probs.cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")  # renamed when whole: a stopped run leaves no half file to read
+    save_file(tensors, str(partial))
+    os.replace(partial, path)
+
+
+def _read(path: Path, count: int, teacher_top_k: int, device: torch.device):
+    try:
+        tensors = load_file(str(path), device=str(device))
+        features = [tensors[f"features.{i}"] for i in range(count)]
+        teachers = [Teacher(tensors[f"teacher_ids.{i}"], tensors[f"teacher_log_probs.{i}"]) if teacher_top_k else None
+                    for i in range(count)]
+    except (SafetensorError, KeyError, OSError) as error:
+        raise CaddtreeError(f"the feature cache {path} is damaged ({error}); delete it to recompute") from None
+    return features, teachers

@@ -12,6 +12,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from caddtree.models.drafter_io import config_to_dict, load_drafter, random_draf
 from caddtree.models.target import Target
 from caddtree.train.data import Example
 from caddtree.train.evaluation import decoding_tau, heldout_metrics
-from caddtree.train.features import Teacher, target_features
+from caddtree.train.features import Teacher, cached_target_features, target_features
 from caddtree.train.objective import distillation_loss, draft_vocab_loss, predict_blocks, sample_anchors
 from caddtree.train.vocab import coverage, frequent_tokens
 
@@ -49,6 +50,7 @@ class TrainConfig:
     mask_token_id: int | None = None
     feature_batch_tokens: int | None = None  # per target forward for features; None: by device
     feature_dtype: str | None = None  # precision of the feature pass; None: the target's own
+    feature_cache: str | None = None  # directory keeping the feature pass's result for later runs
     autocast: bool | None = None  # bfloat16 autocast for the drafter's passes; None: on CUDA only
     distill_top_k: int = 0  # > 0: learn the target's top-k distribution instead of its chosen token
     init_from: str | None = None  # continue from this checkpoint (it fixes the architecture)
@@ -127,8 +129,9 @@ def train(target: Target, examples: list[Example], out_dir: Path, config: TrainC
     drafter.config.mask_token_id = mask_token
     head, embed = DraftHead(drafter, target.model.get_output_embeddings()), target.model.get_input_embeddings()
     feature_dtype = getattr(torch, config.feature_dtype) if config.feature_dtype else None
-    features, teachers = target_features(target, drafter.config.target_layer_ids, examples + heldout,
-                                         config.feature_batch_tokens, feature_dtype, config.distill_top_k)
+    compute = partial(cached_target_features, config.feature_cache) if config.feature_cache else target_features
+    features, teachers = compute(target, drafter.config.target_layer_ids, examples + heldout,
+                                 config.feature_batch_tokens, feature_dtype, config.distill_top_k)
     features, heldout_features = features[: len(examples)], features[len(examples):]
     history = _new_history(config, drafter, target, examples, heldout)
     evaluate = _Evaluation(drafter, head, embed, target, heldout, heldout_features, eval_prompts, config, mask_token)
