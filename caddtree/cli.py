@@ -395,7 +395,7 @@ def run_train_drafter(args) -> None:
     if args.data_only:
         print(f"{out / 'data.jsonl'} holds {len(examples)} records, {sum(len(e.response_ids) for e in examples)} answer tokens")
         return
-    _check_held_out(target, eval_prompts, examples)
+    examples = _without_held_out_prompts(target, eval_prompts, examples)
     if args.heldout_records >= len(examples):
         raise CaddtreeError(f"--heldout-records {args.heldout_records} leaves nothing of the {len(examples)} records to train on")
     config = TrainConfig(
@@ -422,15 +422,15 @@ def _check_architecture_arguments(args) -> None:
             raise CaddtreeError(f"{', '.join(given)} cannot change the architecture of --init-from {args.init_from}")
 
 
-def _check_held_out(target, prompts: list[str], examples) -> None:
-    """A prompt that measures held-out tau must not be one the drafter trains on."""
+def _without_held_out_prompts(target, prompts: list[str], examples):
+    """The records whose prompt is none of the prompts that measure held-out tau."""
     from caddtree.models.target import encode_prompt
 
-    trained = {tuple(e.prompt_ids) for e in examples}
-    seen = [p for p in prompts if tuple(encode_prompt(target, p).tolist()) in trained]
-    if seen:
-        raise CaddtreeError(f"{len(seen)} of the --eval-prompts are also in the training data (first: {seen[0][:60]!r}); "
-                            "take held-out prompts from elsewhere or set --eval-prompts 0")
+    held_out = {tuple(encode_prompt(target, p).tolist()) for p in prompts}
+    kept = [e for e in examples if tuple(e.prompt_ids) not in held_out]
+    if len(kept) < len(examples):
+        _say(f"left out {len(examples) - len(kept)} record(s) whose prompt is one of the --eval-prompts")
+    return kept
 
 
 def _training_prompts(source: str, count: int, seed: int) -> list[str]:

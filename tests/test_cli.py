@@ -442,6 +442,26 @@ def test_train_drafter_on_records_writes_a_drafter_with_a_draft_vocabulary(capsy
     assert history["evaluations"] == [3, 6] and history["training_records"] == 10
 
 
+def test_train_drafter_leaves_out_records_of_held_out_prompts(capsys, models, tmp_path):
+    from caddtree.models.target import encode_prompt, load_target
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "w3 w4 w5"}) + "\n")
+    held_out_ids = encode_prompt(load_target(str(models["target"])), "w3 w4 w5").tolist()
+    records = [{"prompt_ids": held_out_ids, "response_ids": [5, 6, 7]}]
+    records += [{"prompt_ids": [2, 3 + n], "response_ids": [8, 9, 10, 11]} for n in range(6)]
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, [
+        "train-drafter", "--out", out, "--data", data, "--prompts", prompts, "--eval-prompts", "1",
+        "--eval-tokens", "2", "--block-size", "4", "--steps", "2", "--anchors", "2", "--target", models["target"],
+        "--device", "cpu", "--mask-token-id", "30"])
+    assert code == 0, err
+    assert "left out 1 record(s) whose prompt is one of the --eval-prompts" in err
+    assert json.loads((out / "history.json").read_text())["training_records"] == 6
+
+
 def test_compare_ar_reports_a_greedy_mismatch_as_an_error(capsys, models, monkeypatch):
     """A broken acceptance walk (the first child is always taken) must not pass as a speed-up."""
     from caddtree.decode import engine
