@@ -380,6 +380,8 @@ def run_train_drafter(args) -> None:
         for path in args.data:
             if not os.path.isfile(path):
                 raise CaddtreeError(f"data file not found: {path}")
+    if args.feature_cache:
+        _check_directory(args.feature_cache, "--feature-cache")
     wanted = args.eval_prompts + (0 if args.data else args.num_prompts)
     prompts = _training_prompts(args.prompts, wanted, args.seed) if wanted else []
     if not args.data and len(prompts) <= args.eval_prompts:
@@ -391,11 +393,10 @@ def run_train_drafter(args) -> None:
     vocab_size = target.model.get_output_embeddings().weight.shape[0]
     if args.distill > vocab_size:
         raise CaddtreeError(f"--distill {args.distill} exceeds the target's vocabulary of {vocab_size} tokens")
-    examples = _training_examples(args, target, train_prompts, out)
+    examples = _training_examples(args, target, train_prompts, eval_prompts, out)
     if args.data_only:
         print(f"{out / 'data.jsonl'} holds {len(examples)} records, {sum(len(e.response_ids) for e in examples)} answer tokens")
         return
-    examples = _without_held_out_prompts(target, eval_prompts, examples)
     if args.heldout_records >= len(examples):
         raise CaddtreeError(f"--heldout-records {args.heldout_records} leaves nothing of the {len(examples)} records to train on")
     config = TrainConfig(
@@ -422,14 +423,23 @@ def _check_architecture_arguments(args) -> None:
             raise CaddtreeError(f"{', '.join(given)} cannot change the architecture of --init-from {args.init_from}")
 
 
-def _without_held_out_prompts(target, prompts: list[str], examples):
-    """The records whose prompt is none of the prompts that measure held-out tau."""
+def _check_directory(path: str, option: str) -> None:
+    """A directory the run will write to exists or can be made (before an hour of work, not after)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise CaddtreeError(f"{option} {path} is not a directory that can be written ({error.strerror})") from None
+
+
+def _without_held_out_prompts(target, prompts: list[str], files: list[list]) -> list[list]:
+    """Each file's records whose prompt is none of the prompts that measure held-out tau."""
     from caddtree.models.target import encode_prompt
 
     held_out = {tuple(encode_prompt(target, p).tolist()) for p in prompts}
-    kept = [e for e in examples if tuple(e.prompt_ids) not in held_out]
-    if len(kept) < len(examples):
-        _say(f"left out {len(examples) - len(kept)} record(s) whose prompt is one of the --eval-prompts")
+    kept = [[e for e in records if tuple(e.prompt_ids) not in held_out] for records in files]
+    left_out = sum(map(len, files)) - sum(map(len, kept))
+    if left_out:
+        _say(f"left out {left_out} record(s) whose prompt is one of the --eval-prompts")
     return kept
 
 
@@ -439,16 +449,19 @@ def _training_prompts(source: str, count: int, seed: int) -> list[str]:
     return sharegpt_prompts(count, seed) if source == "sharegpt" else file_prompts(source, count)
 
 
-def _training_examples(args, target, prompts: list[str], out):
-    """Records from --data (shuffled with --seed, held-out ones last), or the target's answers to `prompts`."""
+def _training_examples(args, target, prompts: list[str], eval_prompts: list[str], out):
+    """Records from --data (shuffled with --seed, held-out ones last), or the target's answers to
+    `prompts`; none with a prompt of `eval_prompts`."""
     from caddtree.decode.engine import eos_token_ids
     from caddtree.train.data import generate_examples, held_out_last, read_data_files
 
     if not args.data:
-        return generate_examples(target, prompts, out / "data.jsonl", args.max_new_tokens,
-                                 args.generation_batch, eos_token_ids(target))
+        generated = generate_examples(target, prompts, out / "data.jsonl", args.max_new_tokens,
+                                      args.generation_batch, eos_token_ids(target))
+        return _without_held_out_prompts(target, eval_prompts, [generated])[0]
     files = read_data_files(args.data, target.model.get_output_embeddings().weight.shape[0])
-    if args.heldout_records >= len(files[0]):
+    files = _without_held_out_prompts(target, eval_prompts, files)
+    if args.heldout_records and args.heldout_records >= len(files[0]):
         raise CaddtreeError(f"--heldout-records {args.heldout_records} must be fewer than the {len(files[0])} records "
                             f"of the first --data file ({args.data[0]}), which they come from")
     examples = held_out_last(files, args.heldout_records, args.seed)

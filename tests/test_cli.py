@@ -462,6 +462,29 @@ def test_train_drafter_leaves_out_records_of_held_out_prompts(capsys, models, tm
     assert json.loads((out / "history.json").read_text())["training_records"] == 6
 
 
+def test_train_drafter_reads_its_features_back_from_the_cache(capsys, models, tmp_path):
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps({"prompt_ids": [2, 3 + n], "response_ids": [8, 9, 10, 11]}) + "\n"
+                            for n in range(6)))
+    argv = ["train-drafter", "--data", data, "--eval-prompts", "0", "--block-size", "4", "--steps", "2",
+            "--anchors", "2", "--target", models["target"], "--device", "cpu", "--mask-token-id", "30",
+            "--feature-cache", tmp_path / "features"]
+    outputs = []
+    for run in ("first", "second"):
+        code, stdout, err = run_cli(capsys, [argv[0], "--out", tmp_path / run, *argv[1:]])
+        assert code == 0, err
+        outputs.append(stdout + err)
+    assert "reading the target's features" not in outputs[0] and "reading the target's features" in outputs[1]
+    assert len(list((tmp_path / "features").glob("features-*.safetensors"))) == 1
+
+
+def test_train_drafter_refuses_a_feature_cache_that_is_a_file(capsys, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    assert_user_error(capsys, ["train-drafter", "--out", tmp_path / "out", "--feature-cache", taken],
+                      f"--feature-cache {taken} is not a directory that can be written", only_line=True)
+
+
 def test_compare_ar_reports_a_greedy_mismatch_as_an_error(capsys, models, monkeypatch):
     """A broken acceptance walk (the first child is always taken) must not pass as a speed-up."""
     from caddtree.decode import engine

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from caddtree.decode.lookup import (MAX_CANDIDATES, PRIOR_ROUNDS, KindStatistics, LookupProposer, NgramIndex, node_kind,
-                                    prior_rate)
+from caddtree.decode.lookup import (MAX_CANDIDATES, MAX_PRIOR, MAX_RANK, PRIOR_ROUNDS, KindStatistics, LookupProposer,
+                                    NgramIndex, node_kind, prior_rate)
 from caddtree.tree.build import RankedNodes, rank_nodes
 from caddtree.tree.merge import live_count, merge_ranked
 
@@ -157,6 +157,13 @@ def test_rejections_of_some_kinds_lower_the_rates_of_kinds_not_yet_seen():
     assert statistics.rate(unseen) > fresh
 
 
+def estimate(statistics: KindStatistics, kind) -> float:
+    """The posterior mean that the cautious rate starts from."""
+    prior = min(MAX_PRIOR, prior_rate(kind) * statistics.pooled_ratio)
+    observations = statistics.tested.get(kind, 0) + PRIOR_ROUNDS
+    return (statistics.accepted.get(kind, 0) + PRIOR_ROUNDS * prior) / observations
+
+
 def test_a_rate_seen_more_often_is_trusted_more():
     """Same share accepted, more evidence: the rate comes closer to the estimate, from below."""
     kind = node_kind(2, 0)
@@ -165,11 +172,18 @@ def test_a_rate_seen_more_often_is_trusted_more():
         statistics = KindStatistics()
         for index in range(tests):
             statistics.record(kind, index % 4 == 0)
-        prior = prior_rate(kind) * statistics.pooled_ratio
-        estimate = (tests / 4 + PRIOR_ROUNDS * prior) / (tests + PRIOR_ROUNDS)
-        assert 0 < statistics.rate(kind) < estimate
-        gaps.append(estimate - statistics.rate(kind))
+        assert estimate(statistics, kind) / 2 < statistics.rate(kind) < estimate(statistics, kind)
+        gaps.append(estimate(statistics, kind) - statistics.rate(kind))
     assert gaps[0] > gaps[1] > gaps[2]
+
+
+def test_a_rare_kind_keeps_half_its_estimate():
+    """Half a deviation would take a low, unseen estimate below zero: the floor keeps half of it."""
+    statistics = KindStatistics()
+    for _ in range(20):
+        statistics.record(node_kind(1, 0), False)  # lookups have fared badly: low priors everywhere
+    unseen = node_kind(1, MAX_RANK)
+    assert 0 < statistics.rate(unseen) == estimate(statistics, unseen) / 2
 
 
 def test_kinds_order_by_match_length_and_rank():

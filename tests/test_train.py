@@ -190,7 +190,8 @@ def test_cached_features_are_read_back_and_keyed_by_what_made_them(tiny_data, tm
     features_module.cached_target_features(tmp_path, target, [0, 2], chosen, 40, None, 3)
     features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, None, 0)
     features_module.cached_target_features(tmp_path, target, [0, 1], chosen[::-1], 40, None, 3)
-    assert len(computed) == 3 and len(list(tmp_path.glob("features-*.safetensors"))) == 4
+    features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, torch.bfloat16, 3)
+    assert len(computed) == 4 and len(list(tmp_path.glob("features-*.safetensors"))) == 5
     written[0].write_bytes(written[0].read_bytes()[:100])
     with pytest.raises(CaddtreeError, match="is damaged .*delete it to recompute"):
         features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, None, 3)
@@ -345,18 +346,19 @@ def test_data_files_are_read_gzipped_or_plain(tmp_path, gzipped):
 def test_held_out_records_stay_held_out_when_files_are_added():
     from caddtree.train.data import held_out_last
 
-    first = [Example([n], [n + 1, 1]) for n in range(2, 30)]
+    # Every prompt twice in the first file, and again in the added one.
+    first = [Example([n], [n + 1, 1]) for n in range(2, 30)] + [Example([n], [n + 2, 1]) for n in range(2, 30)]
     added = [Example([n], [n, 1]) for n in range(40, 60)] + [Example([n], [9, 1]) for n in range(2, 30)]
     alone = held_out_last([first], 5, seed=3)
     together = held_out_last([first, added], 5, seed=3)
-    assert sorted(alone, key=lambda e: e.prompt_ids) == first  # shuffled, nothing lost
     assert together[-5:] == alone[-5:]
     held_prompts = {tuple(e.prompt_ids) for e in alone[-5:]}
-    trained = together[:-5]
-    assert not held_prompts & {tuple(e.prompt_ids) for e in trained}  # even the added file's copy of a prompt
-    expected = [e for e in first + added if tuple(e.prompt_ids) not in held_prompts]
-    assert sorted(trained, key=lambda e: (e.prompt_ids, e.response_ids)) == sorted(
-        expected, key=lambda e: (e.prompt_ids, e.response_ids))
+    for records in (alone, together):
+        assert not held_prompts & {tuple(e.prompt_ids) for e in records[:-5]}
+    key = lambda e: (e.prompt_ids, e.response_ids)  # noqa: E731
+    expected = [e for e in first + added if tuple(e.prompt_ids) not in held_prompts] + alone[-5:]
+    assert sorted(together, key=key) == sorted(expected, key=key)  # nothing else lost
+    assert sorted(held_out_last([first], 0, seed=3), key=key) == sorted(first, key=key)  # none held out: all kept
 
 
 @pytest.mark.parametrize("line, words", [

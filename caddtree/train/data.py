@@ -103,14 +103,14 @@ def read_data_files(paths: list[str | Path], vocab_size: int) -> list[list[Examp
 
 def held_out_last(files: list[list[Example]], heldout: int, seed: int) -> list[Example]:
     """Every file's records shuffled with `seed`, the `heldout` ones last. They are the last of
-    the first file's shuffled records, whatever other files join it, so that a run adding data
-    to an earlier run's first file keeps its held-out records (other files' records with a
-    held-out prompt are dropped)."""
+    the first file's shuffled records, whatever files follow it, so that a run adding files after
+    an earlier run's one file keeps that run's held-out records; a training record with a
+    held-out prompt is dropped."""
     first, *others = [_shuffled(records, seed) for records in files]
     kept_out = first[len(first) - heldout:] if heldout else []
     held_prompts = {tuple(record.prompt_ids) for record in kept_out}
-    rest = [record for records in others for record in records if tuple(record.prompt_ids) not in held_prompts]
-    return rest + first
+    training = [record for records in others for record in records] + first[: len(first) - len(kept_out)]
+    return [record for record in training if tuple(record.prompt_ids) not in held_prompts] + kept_out
 
 
 def _shuffled(records: list[Example], seed: int) -> list[Example]:

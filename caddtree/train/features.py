@@ -93,10 +93,13 @@ def cached_target_features(cache_dir: str | Path, target: Target, layer_ids: lis
     return features, teachers
 
 
+CACHE_FORMAT = 1  # raise when what the pass computes changes: older cache files are then not read
+
+
 def _fingerprint(target: Target, layer_ids, examples, dtype, teacher_top_k) -> str:
-    digest = hashlib.sha256(repr((target.name, layer_ids, str(dtype), teacher_top_k)).encode())
+    digest = hashlib.sha256(repr((CACHE_FORMAT, target.name, layer_ids, str(dtype), teacher_top_k)).encode())
     # The weights by a checksum of every parameter: a retrained or other target under the same name differs.
-    checksum = sum(parameter.double().sum().item() for parameter in target.model.parameters())
+    checksum = sum(parameter.sum(dtype=torch.float64).item() for parameter in target.model.parameters())
     digest.update(repr(checksum).encode())
     for example in examples:
         digest.update(example.token_ids.to(torch.int32).numpy().tobytes() + b"|%d|" % len(example.prompt_ids))
@@ -108,10 +111,14 @@ def _write(path: Path, features: list[torch.Tensor], teachers: list[Teacher | No
     for i, teacher in enumerate(teachers):
         if teacher is not None:
             tensors[f"teacher_ids.{i}"], tensors[f"teacher_log_probs.{i}"] = teacher.token_ids.cpu(), teacher.log_probs.cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")  # renamed when whole: a stopped run leaves no half file to read
-    save_file(tensors, str(partial))
-    os.replace(partial, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(partial))
+        os.replace(partial, path)
+    except OSError as error:  # a full disk must not cost the run its features: train on without the cache
+        partial.unlink(missing_ok=True)
+        tqdm.write(f"could not write the feature cache {path} ({error}); training goes on without it")
 
 
 def _read(path: Path, count: int, teacher_top_k: int, device: torch.device):
