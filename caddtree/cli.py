@@ -80,6 +80,16 @@ def _name_list(choices: tuple[str, ...] | None = None):
     return parse
 
 
+def _add_method_arguments(parser) -> None:
+    """How each reply is decoded: the options generate and serve share."""
+    parser.add_argument("--method", default="caddtree", choices=METHOD_CHOICES, help=METHOD_HELP)
+    parser.add_argument("--budget", type=_non_negative_int,
+                        help="ddtree: tree size (default 64); caddtree, lookup: largest tree considered")
+    parser.add_argument("--no-lookup", dest="lookup", action="store_false",
+                        help="caddtree: draft with the drafter alone, without continuations found in the context")
+    parser.add_argument("--rule", default="exact", choices=["greedy", "exact"], help="caddtree's budget rule")
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="hub id, local model directory or .gguf file (default: SmolLM2-135M-Instruct "
                         "GGUF); for profile also random:qwen3-4b, random:qwen3-8b or random:CONFIG.json")
@@ -97,12 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate text and print speed statistics")
     generate.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
-    generate.add_argument("--method", default="caddtree", choices=METHOD_CHOICES, help=METHOD_HELP)
-    generate.add_argument("--budget", type=_non_negative_int,
-                          help="ddtree: tree size (default 64); caddtree, lookup: largest tree considered")
-    generate.add_argument("--no-lookup", dest="lookup", action="store_false",
-                          help="caddtree: draft with the drafter alone, without continuations found in the context")
-    generate.add_argument("--rule", default="exact", choices=["greedy", "exact"], help="caddtree's budget rule")
+    _add_method_arguments(generate)
     generate.add_argument("--uncalibrated", action="store_true",
                           help="caddtree: the paper's rule as stated: trust the drafter's probabilities and "
                                "always draft (no scaling by measured acceptance, no skipping)")
@@ -213,12 +218,7 @@ def _add_serve_parser(commands) -> None:
     serve.add_argument("--port", type=_int, default=8000, help="default 8000")
     serve.add_argument("--api-key", help="require the header Authorization: Bearer KEY on /v1/ requests")
     serve.add_argument("--model-name", help="the model id clients ask for (default: the target's name)")
-    serve.add_argument("--method", default="caddtree", choices=METHOD_CHOICES, help=METHOD_HELP)
-    serve.add_argument("--budget", type=_non_negative_int,
-                       help="ddtree: tree size (default 64); caddtree, lookup: largest tree considered")
-    serve.add_argument("--no-lookup", dest="lookup", action="store_false",
-                       help="caddtree: draft with the drafter alone, without continuations found in the context")
-    serve.add_argument("--rule", default="exact", choices=["greedy", "exact"], help="caddtree's budget rule")
+    _add_method_arguments(serve)
     serve.add_argument("--cost-model", default="auto", help="cost-model JSON, or auto (profile once, cached)")
     serve.add_argument("--max-queue", type=_positive_int, default=16,
                        help="requests that may wait for their turn; more are answered 503 at once (default 16)")
