@@ -434,9 +434,10 @@ def _check_directory(path: str, option: str) -> None:
 def _without_held_out_prompts(target, prompts: list[str], files: list[list]) -> list[list]:
     """Each file's records whose prompt is none of the prompts that measure held-out tau."""
     from caddtree.models.target import encode_prompt
+    from caddtree.train.data import without_prompts
 
     held_out = {tuple(encode_prompt(target, p).tolist()) for p in prompts}
-    kept = [[e for e in records if tuple(e.prompt_ids) not in held_out] for records in files]
+    kept = [without_prompts(records, held_out) for records in files]
     left_out = sum(map(len, files)) - sum(map(len, kept))
     if left_out:
         _say(f"left out {left_out} record(s) whose prompt is one of the --eval-prompts")

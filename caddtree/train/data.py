@@ -110,7 +110,12 @@ def held_out_last(files: list[list[Example]], heldout: int, seed: int) -> list[E
     kept_out = first[len(first) - heldout:] if heldout else []
     held_prompts = {tuple(record.prompt_ids) for record in kept_out}
     training = [record for records in others for record in records] + first[: len(first) - len(kept_out)]
-    return [record for record in training if tuple(record.prompt_ids) not in held_prompts] + kept_out
+    return without_prompts(training, held_prompts) + kept_out
+
+
+def without_prompts(records: list[Example], prompts: set[tuple[int, ...]]) -> list[Example]:
+    """The records whose prompt (token ids) is none of `prompts`."""
+    return [record for record in records if tuple(record.prompt_ids) not in prompts]
 
 
 def _shuffled(records: list[Example], seed: int) -> list[Example]:

@@ -26,9 +26,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from caddtree.errors import CaddtreeError
-
 from caddtree.models.target import Target, TargetRunner
 from caddtree.train.data import Example
+
+CACHE_FORMAT = 1  # raise when what the pass computes changes: older cache files are then not read
 
 
 class Teacher(NamedTuple):
@@ -91,9 +92,6 @@ def cached_target_features(cache_dir: str | Path, target: Target, layer_ids: lis
     features, teachers = target_features(target, layer_ids, examples, batch_tokens, dtype, teacher_top_k)
     _write(path, features, teachers)
     return features, teachers
-
-
-CACHE_FORMAT = 1  # raise when what the pass computes changes: older cache files are then not read
 
 
 def _fingerprint(target: Target, layer_ids, examples, dtype, teacher_top_k) -> str:
