@@ -431,17 +431,16 @@ def _check_directory(path: str, option: str) -> None:
         raise CaddtreeError(f"{option} {path} is not a directory that can be written ({error.strerror})") from None
 
 
-def _without_held_out_prompts(target, prompts: list[str], files: list[list]) -> list[list]:
-    """Each file's records whose prompt is none of the prompts that measure held-out tau."""
+def _eval_prompt_ids(target, prompts: list[str], files: list[list]) -> set[tuple[int, ...]]:
+    """The token ids of the prompts that measure held-out tau; says how many records have one."""
     from caddtree.models.target import encode_prompt
     from caddtree.train.data import without_prompts
 
-    held_out = {tuple(encode_prompt(target, p).tolist()) for p in prompts}
-    kept = [without_prompts(records, held_out) for records in files]
-    left_out = sum(map(len, files)) - sum(map(len, kept))
+    prompt_ids = {tuple(encode_prompt(target, p).tolist()) for p in prompts}
+    left_out = sum(len(records) - len(without_prompts(records, prompt_ids)) for records in files)
     if left_out:
         _say(f"left out {left_out} record(s) whose prompt is one of the --eval-prompts")
-    return kept
+    return prompt_ids
 
 
 def _training_prompts(source: str, count: int, seed: int) -> list[str]:
@@ -454,18 +453,19 @@ def _training_examples(args, target, prompts: list[str], eval_prompts: list[str]
     """Records from --data (shuffled with --seed, held-out ones last), or the target's answers to
     `prompts`; none with a prompt of `eval_prompts`."""
     from caddtree.decode.engine import eos_token_ids
-    from caddtree.train.data import generate_examples, held_out_last, read_data_files
+    from caddtree.train.data import generate_examples, held_out_last, read_data_files, without_prompts
 
     if not args.data:
         generated = generate_examples(target, prompts, out / "data.jsonl", args.max_new_tokens,
                                       args.generation_batch, eos_token_ids(target))
-        return _without_held_out_prompts(target, eval_prompts, [generated])[0]
+        return without_prompts(generated, _eval_prompt_ids(target, eval_prompts, [generated]))
     files = read_data_files(args.data, target.model.get_output_embeddings().weight.shape[0])
-    files = _without_held_out_prompts(target, eval_prompts, files)
-    if args.heldout_records and args.heldout_records >= len(files[0]):
-        raise CaddtreeError(f"--heldout-records {args.heldout_records} must be fewer than the {len(files[0])} records "
+    eval_prompt_ids = _eval_prompt_ids(target, eval_prompts, files)
+    first_file_records = len(without_prompts(files[0], eval_prompt_ids))
+    if args.heldout_records and args.heldout_records >= first_file_records:
+        raise CaddtreeError(f"--heldout-records {args.heldout_records} must be fewer than the {first_file_records} records "
                             f"of the first --data file ({args.data[0]}), which they come from")
-    examples = held_out_last(files, args.heldout_records, args.seed)
+    examples = held_out_last(files, args.heldout_records, args.seed, eval_prompt_ids)
     longest = max(len(e.token_ids) for e in examples)
     if longest >= target.max_positions:
         raise CaddtreeError(f"a record of --data holds {longest} tokens; the target's context holds {target.max_positions}")

@@ -359,6 +359,11 @@ def test_held_out_records_stay_held_out_when_files_are_added():
     expected = [e for e in first + added if tuple(e.prompt_ids) not in held_prompts] + alone[-5:]
     assert sorted(together, key=key) == sorted(expected, key=key)  # nothing else lost
     assert sorted(held_out_last([first], 0, seed=3), key=key) == sorted(first, key=key)  # none held out: all kept
+    # Leaving out an eval prompt's records must not reshuffle the file into other held-out records.
+    excluded = {tuple(alone[0].prompt_ids)}
+    without = held_out_last([first, added], 5, seed=3, excluded=excluded)
+    assert without[-5:] == alone[-5:]
+    assert sorted(without, key=key) == sorted([e for e in together if tuple(e.prompt_ids) not in excluded], key=key)
 
 
 @pytest.mark.parametrize("line, words", [

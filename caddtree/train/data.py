@@ -101,12 +101,15 @@ def read_data_files(paths: list[str | Path], vocab_size: int) -> list[list[Examp
     return files
 
 
-def held_out_last(files: list[list[Example]], heldout: int, seed: int) -> list[Example]:
+def held_out_last(files: list[list[Example]], heldout: int, seed: int,
+                  excluded: set[tuple[int, ...]] = frozenset()) -> list[Example]:
     """Every file's records shuffled with `seed`, the `heldout` ones last. They are the last of
     the first file's shuffled records, whatever files follow it, so that a run adding files after
     an earlier run's one file keeps that run's held-out records; a training record with a
-    held-out prompt is dropped."""
-    first, *others = [_shuffled(records, seed) for records in files]
+    held-out prompt is dropped. Records whose prompt is `excluded` leave each file after its
+    shuffle: leaving them out first would reshuffle the file and swap held-out records for
+    records an earlier run trained on."""
+    first, *others = [without_prompts(_shuffled(records, seed), excluded) for records in files]
     kept_out = first[len(first) - heldout:] if heldout else []
     held_prompts = {tuple(record.prompt_ids) for record in kept_out}
     training = [record for records in others for record in records] + first[: len(first) - len(kept_out)]
