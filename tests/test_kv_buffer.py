@@ -1,5 +1,6 @@
 """KV buffers against the torch.cat reference, and no reallocation while decoding."""
 
+import pytest
 import torch
 
 from caddtree.decode.engine import Engine
@@ -64,6 +65,36 @@ def test_the_fixed_shape_draft_equals_the_plain_one():
         root = torch.tensor(4)
         torch.testing.assert_close(fixed.draft(root, context, depth), plain.draft(root, context, depth),
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_context_added_in_pieces_between_drafts_equals_it_added_at_once(static_shapes):
+    """Features wait for the next draft pass: pieces added over skipped rounds (one row, several
+    rows, a draft in between) must all reach the cache, at their own positions."""
+    from caddtree.decode.drafting import DraftRunner
+
+    target = tiny_target("qwen3", vocab_size=32, layers=3)
+    drafter = random_drafter(target, 2, 6, seed=5)
+    features = torch.randn(12, len(drafter.config.target_layer_ids) * target.hidden_size,
+                           generator=torch.Generator().manual_seed(1))
+    whole, pieces, blank = (DraftRunner(drafter, target, static_shapes) for _ in range(3))
+    for runner in (whole, pieces, blank):
+        runner.reserve(40)
+    whole.extend(features[:5], torch.arange(5))
+    pieces.extend(features[:3], torch.arange(3))
+    pieces.extend(features[3:5], torch.arange(3, 5))
+    root = torch.tensor(7)
+    first = whole.draft(root, 5, 4)
+    assert not torch.allclose(first, blank.draft(root, 5, 4), atol=1e-3)  # the context is read
+    torch.testing.assert_close(pieces.draft(root, 5, 4), first, atol=1e-5, rtol=1e-5)
+    whole.extend(features[5:], torch.arange(5, 12))
+    for start in range(5, 12):  # seven skipped rounds of one accepted token each
+        pieces.extend(features[start : start + 1], torch.tensor([start]))
+    torch.testing.assert_close(pieces.draft(root, 12, 4), whole.draft(root, 12, 4), atol=1e-5, rtol=1e-5)
+    pieces.extend(features[5:], torch.arange(5, 12))  # pending when the next generation starts
+    pieces.reset()
+    pieces.extend(features[:5], torch.arange(5))
+    torch.testing.assert_close(pieces.draft(root, 5, 4), first, atol=1e-5, rtol=1e-5)
 
 
 def test_a_fixed_shape_cache_keeps_its_context_when_it_grows():

@@ -13,7 +13,11 @@ from caddtree.models.target import Target
 
 
 class DraftRunner:
-    """With `static_shapes`, the block pass attends over the context buffers' whole capacity with
+    """Accepted tokens' features wait until the next draft pass needs them, then enter the context
+    cache in one batch: rounds where the policy skips the drafter then cost it nothing, and a
+    pass after k skipped rounds projects k rows at once instead of k times one row.
+
+    With `static_shapes`, the block pass attends over the context buffers' whole capacity with
     a mask, so that its shapes never change; with `cuda_graphs` it is then one replayed graph."""
 
     def __init__(self, drafter: DFlashDrafter, target: Target, static_shapes: bool = False, cuda_graphs: bool = False):
@@ -28,12 +32,14 @@ class DraftRunner:
         self.static_shapes = static_shapes
         self.cuda_graphs = static_shapes and cuda_graphs
         self._static = None  # static inputs, outputs and graph, for the current buffers
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (features, positions) not yet in the cache
 
     @property
     def feature_layers(self) -> list[int]:
         return self.drafter.config.target_layer_ids
 
     def reset(self) -> None:
+        self._pending.clear()
         for keys, values in self._context:
             keys.clear()
             values.clear()
@@ -48,20 +54,34 @@ class DraftRunner:
             if buffer.data is not data:
                 self._static = None  # new storage: capture again
 
+    def extend(self, target_features: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add accepted tokens (features (c, F) at absolute positions (c,)) to the context, at the
+        next `flush` or draft pass; the features must not be overwritten before then (a view of a
+        verifier's reused output buffer would be)."""
+        self._pending.append((target_features, positions))
+
     @torch.inference_mode()
     @few_rows.enabled()
-    def extend(self, target_features: torch.Tensor, positions: torch.Tensor) -> None:
-        """Add accepted tokens (features (c, F) at absolute positions (c,)) to the context."""
-        new_kv = self.drafter.context_keys_values(target_features, positions)
+    def flush(self) -> None:
+        """Project the pending features into the context cache, all in one pass."""
+        if not self._pending:
+            return
+        features, positions = (torch.cat(parts) for parts in zip(*self._pending))
+        self._pending.clear()
+        new_kv = self.drafter.context_keys_values(features, positions)
         for (keys, values), (new_keys, new_values) in zip(self._context, new_kv):
+            storage = keys.data
             keys.append(new_keys)
             values.append(new_values)
+            if keys.data is not storage:
+                self._static = None  # the buffers grew: a captured pass would read the old storage
 
     @torch.inference_mode()
     @few_rows.enabled()
     def draft(self, root: torch.Tensor, root_position: int, depth: int) -> torch.Tensor:
         """Log-marginals (depth, K) of the `depth` tokens after `root` (a 0-d token id tensor), over the
         draft vocabulary (K = V without one): `self.head.target_tokens` maps indices to tokens."""
+        self.flush()
         if self.static_shapes:
             return self._draft_static(root, root_position)[:depth]
         block = torch.full((self.block_size,), self.mask_token, dtype=torch.long, device=root.device)

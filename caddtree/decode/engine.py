@@ -109,6 +109,7 @@ class Engine:
         if uses_drafter:
             self.drafts.reset()
             self.drafts.extend(features, torch.arange(len(prompt_ids), device=prompt_ids.device))
+            self.drafts.flush()  # the prompt's share of the drafter's work belongs to the prefill
         return sampling.choose(logits[None], generator)[0]
 
     def _round(self, root, policy, sampling, generator, remaining: int):
@@ -131,7 +132,7 @@ class Engine:
         path = accepted.positions[:length]
         self.verifier.keep(path)
         policy.observe(drafter_nodes)
-        if policy.uses_drafter:
+        if policy.uses_drafter:  # indexing copies: `features` may be a buffer the next verify reuses
             self.drafts.extend(features[path], context_len + torch.arange(length, device=path.device))
         if policy.uses_lookup:
             self.lookup.observe(emitted)
