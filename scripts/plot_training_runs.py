@@ -1,0 +1,44 @@
+"""Held-out quality across training runs that continue one another (`--init-from`), on one step axis.
+
+    python scripts/plot_training_runs.py docs/training/cpu1_history.json docs/training/cpu2_history.json ... \
+        --out docs/training/runs.png
+
+Each history is a run's `history.json`; a run's steps are counted after those of the runs before it.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+MEASURES = (("eval_block_tau", "held-out blocks, chain τ"), ("eval_loss", "held-out loss"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("histories", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    figure, axes = plt.subplots(1, len(MEASURES), figsize=(11, 4))
+    offset = 0
+    for path in args.histories:
+        history = json.loads(path.read_text())
+        steps = [offset + step for step in history["evaluations"]]
+        for axis, (name, label) in zip(axes, MEASURES):
+            axis.plot(steps, history[name], "o-", label=path.name.removesuffix("_history.json"))
+            axis.set(xlabel="step, all runs", ylabel=label, xscale="log")
+        offset = steps[-1]
+    for axis in axes:
+        axis.legend()
+        axis.grid(alpha=0.3, which="both")
+    figure.tight_layout()
+    figure.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
