@@ -68,13 +68,12 @@ class DraftRunner:
             return
         features, positions = (torch.cat(parts) for parts in zip(*self._pending))
         self._pending.clear()
+        # Any growth happens here, where `reserve` drops a captured pass, never inside an append.
+        self.reserve(self._context[0][0].length + len(positions))
         new_kv = self.drafter.context_keys_values(features, positions)
         for (keys, values), (new_keys, new_values) in zip(self._context, new_kv):
-            storage = keys.data
             keys.append(new_keys)
             values.append(new_values)
-            if keys.data is not storage:
-                self._static = None  # the buffers grew: a captured pass would read the old storage
 
     @torch.inference_mode()
     @few_rows.enabled()
