@@ -474,7 +474,8 @@ def test_train_drafter_reads_its_features_back_from_the_cache(capsys, models, tm
         code, stdout, err = run_cli(capsys, [argv[0], "--out", tmp_path / run, *argv[1:]])
         assert code == 0, err
         outputs.append(stdout + err)
-    assert "reading the target's features" not in outputs[0] and "reading the target's features" in outputs[1]
+    assert "read the target's features of 6 records" not in outputs[0]
+    assert "read the target's features of 6 records" in outputs[1]
     assert len(list((tmp_path / "features").glob("features-*.safetensors"))) == 1
 
 

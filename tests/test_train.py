@@ -166,7 +166,7 @@ def test_batched_features_equal_one_sequence_at_a_time(tiny_data):
         runner.close()
 
 
-def test_cached_features_are_read_back_and_keyed_by_what_made_them(tiny_data, tmp_path, monkeypatch):
+def test_cached_features_are_read_back_record_by_record_and_keyed_by_what_made_them(tiny_data, tmp_path, monkeypatch):
     from caddtree.errors import CaddtreeError
     from caddtree.train import features as features_module
 
@@ -177,21 +177,28 @@ def test_cached_features_are_read_back_and_keyed_by_what_made_them(tiny_data, tm
     assert len(written) == 1 and not list(tmp_path.glob("*.partial"))
     computed = []
 
-    def counting(*args):
-        computed.append(args)
-        return target_features(*args)
+    def counting(target, layer_ids, records, *args):
+        computed.append(len(records))
+        return target_features(target, layer_ids, records, *args)
 
     monkeypatch.setattr(features_module, "target_features", counting)
-    again, again_teachers = features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, None, 3)
-    assert not computed  # read back, not recomputed
-    for a, b, ta, tb in zip(first, again, first_teachers, again_teachers):
+    again, again_teachers = features_module.cached_target_features(tmp_path, target, [0, 1], chosen[::-1], 40, None, 3)
+    assert not computed  # read back in any order, not recomputed
+    for a, b, ta, tb in zip(first, again[::-1], first_teachers, again_teachers[::-1]):
         assert torch.equal(a, b) and torch.equal(ta.token_ids, tb.token_ids) and torch.equal(ta.log_probs, tb.log_probs)
-    # Other layers, teacher or records: computed afresh, in a file of their own.
+    # More records: only the new ones are computed, and they equal a pass over all of them.
+    more, more_teachers = features_module.cached_target_features(tmp_path, target, [0, 1], examples[2:7], 40, None, 3)
+    assert computed == [3] and len(list(tmp_path.glob("features-*.safetensors"))) == 2
+    fresh, fresh_teachers = target_features(target, [0, 1], examples[2:7], 40, None, 3)
+    for a, b, ta, tb in zip(more, fresh, more_teachers, fresh_teachers):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(ta.log_probs, tb.log_probs)
+    # Other layers, teacher or precision: computed afresh, in files of their own.
+    computed.clear()
     features_module.cached_target_features(tmp_path, target, [0, 2], chosen, 40, None, 3)
     features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, None, 0)
-    features_module.cached_target_features(tmp_path, target, [0, 1], chosen[::-1], 40, None, 3)
     features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, torch.bfloat16, 3)
-    assert len(computed) == 4 and len(list(tmp_path.glob("features-*.safetensors"))) == 5
+    assert computed == [4, 4, 4] and len(list(tmp_path.glob("features-*.safetensors"))) == 5
     written[0].write_bytes(written[0].read_bytes()[:100])
     with pytest.raises(CaddtreeError, match="is damaged .*delete it to recompute"):
         features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, None, 3)

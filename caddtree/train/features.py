@@ -9,7 +9,8 @@ For distillation the same pass keeps the target's own top-k next-token distribut
 answer token (the "teacher"): a far richer signal per position than the one token it chose.
 
 On a CPU the pass takes most of an hour per million tokens, so a run may keep its result on disk
-(`cached_target_features`): the next run on the same records reads it back in about a minute.
+(`cached_target_features`), record by record: a later run reads back every record it has seen
+and computes only the new ones.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from caddtree.errors import CaddtreeError
 from caddtree.models.target import Target, TargetRunner
 from caddtree.train.data import Example
 
-CACHE_FORMAT = 1  # raise when what the pass computes changes: older cache files are then not read
+CACHE_FORMAT = 2  # raise when what the pass computes changes: older cache files are then not read
 
 
 class Teacher(NamedTuple):
@@ -83,32 +84,44 @@ def _teacher(logits: torch.Tensor, prompt_len: int, k: int) -> Teacher:
 
 def cached_target_features(cache_dir: str | Path, target: Target, layer_ids: list[int], examples: list[Example],
                            batch_tokens: int | None = None, dtype: torch.dtype | None = None, teacher_top_k: int = 0):
-    """target_features, read from `cache_dir` when a run before computed them for the same target,
-    layers, precision, teacher and records (in the same order); else computed and written there."""
-    path = Path(cache_dir) / f"features-{_fingerprint(target, layer_ids, examples, dtype, teacher_top_k)}.safetensors"
-    if path.is_file():
-        tqdm.write(f"reading the target's features from {path}")
-        return _read(path, len(examples), teacher_top_k, target.device)
-    features, teachers = target_features(target, layer_ids, examples, batch_tokens, dtype, teacher_top_k)
-    _write(path, features, teachers)
-    return features, teachers
+    """target_features, each record's read from `cache_dir` when an earlier run computed it for the
+    same target, layers, precision and teacher. The records computed now go there in a file of their
+    own, so a run that adds a data file computes only the new records."""
+    cache_dir = Path(cache_dir)
+    settings = _settings_key(target, layer_ids, dtype, teacher_top_k)
+    record_keys = [_record_key(example) for example in examples]
+    found = _read_cached(cache_dir, settings, set(record_keys), teacher_top_k, target.device)
+    missing = {key: example for key, example in zip(record_keys, examples) if key not in found}
+    if found:
+        tqdm.write(f"read the target's features of {len(found)} records from {cache_dir}")
+    if missing:
+        features, teachers = target_features(target, layer_ids, list(missing.values()), batch_tokens, dtype, teacher_top_k)
+        computed = dict(zip(missing, zip(features, teachers)))
+        names = hashlib.sha256("".join(sorted(missing)).encode()).hexdigest()[:12]
+        _write(cache_dir / f"features-{settings}-{names}.safetensors", computed)
+        found.update(computed)
+    return [found[key][0] for key in record_keys], [found[key][1] for key in record_keys]
 
 
-def _fingerprint(target: Target, layer_ids, examples, dtype, teacher_top_k) -> str:
+def _settings_key(target: Target, layer_ids, dtype, teacher_top_k) -> str:
     digest = hashlib.sha256(repr((CACHE_FORMAT, target.name, layer_ids, str(dtype), teacher_top_k)).encode())
     # The weights by a checksum of every parameter: a retrained or other target under the same name differs.
     checksum = sum(parameter.sum(dtype=torch.float64).item() for parameter in target.model.parameters())
     digest.update(repr(checksum).encode())
-    for example in examples:
-        digest.update(example.token_ids.to(torch.int32).numpy().tobytes() + b"|%d|" % len(example.prompt_ids))
     return digest.hexdigest()[:20]
 
 
-def _write(path: Path, features: list[torch.Tensor], teachers: list[Teacher | None]) -> None:
-    tensors = {f"features.{i}": feature.cpu() for i, feature in enumerate(features)}
-    for i, teacher in enumerate(teachers):
+def _record_key(example: Example) -> str:
+    tokens = example.token_ids.to(torch.int32).numpy().tobytes()
+    return hashlib.sha256(tokens + b"|%d" % len(example.prompt_ids)).hexdigest()[:24]
+
+
+def _write(path: Path, records: dict[str, tuple[torch.Tensor, Teacher | None]]) -> None:
+    tensors = {}
+    for key, (features, teacher) in records.items():
+        tensors[f"features.{key}"] = features.cpu()
         if teacher is not None:
-            tensors[f"teacher_ids.{i}"], tensors[f"teacher_log_probs.{i}"] = teacher.token_ids.cpu(), teacher.log_probs.cpu()
+            tensors[f"teacher_ids.{key}"], tensors[f"teacher_log_probs.{key}"] = teacher.token_ids.cpu(), teacher.log_probs.cpu()
     partial = path.with_suffix(".partial")  # renamed when whole: a stopped run leaves no half file to read
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,12 +132,17 @@ def _write(path: Path, features: list[torch.Tensor], teachers: list[Teacher | No
         tqdm.write(f"could not write the feature cache {path} ({error}); training goes on without it")
 
 
-def _read(path: Path, count: int, teacher_top_k: int, device: torch.device):
-    try:
-        tensors = load_file(str(path), device=str(device))
-        features = [tensors[f"features.{i}"] for i in range(count)]
-        teachers = [Teacher(tensors[f"teacher_ids.{i}"], tensors[f"teacher_log_probs.{i}"]) if teacher_top_k else None
-                    for i in range(count)]
-    except (SafetensorError, KeyError, OSError) as error:
-        raise CaddtreeError(f"the feature cache {path} is damaged ({error}); delete it to recompute") from None
-    return features, teachers
+def _read_cached(cache_dir: Path, settings: str, wanted: set[str], teacher_top_k: int, device: torch.device):
+    """{record key: (features, teacher)} for the `wanted` records that files of `settings` hold."""
+    found = {}
+    for path in sorted(cache_dir.glob(f"features-{settings}-*.safetensors")):
+        try:
+            with safe_open(str(path), "pt", device=str(device)) as cached:
+                held = {name.split(".", 1)[1] for name in cached.keys() if name.startswith("features.")}
+                for key in (held & wanted) - found.keys():
+                    teacher = (Teacher(cached.get_tensor(f"teacher_ids.{key}"), cached.get_tensor(f"teacher_log_probs.{key}"))
+                               if teacher_top_k else None)
+                    found[key] = (cached.get_tensor(f"features.{key}"), teacher)
+        except (SafetensorError, OSError) as error:
+            raise CaddtreeError(f"the feature cache {path} is damaged ({error}); delete it to recompute") from None
+    return found
