@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 
 MEASURES = (("eval_block_tau", "held-out blocks, chain τ"), ("eval_loss", "held-out loss"))
 
@@ -33,6 +34,9 @@ def main() -> None:
             axis.set(xlabel="step, all runs", ylabel=label, xscale="log")
         offset = steps[-1]
     for axis in axes:
+        axis.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        axis.xaxis.set_major_formatter(ticker.FuncFormatter(lambda step, _: f"{step / 1000:g}k"))
+        axis.xaxis.set_minor_formatter(ticker.NullFormatter())
         axis.legend()
         axis.grid(alpha=0.3, which="both")
     figure.tight_layout()
