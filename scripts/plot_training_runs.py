@@ -1,9 +1,11 @@
 """Held-out quality across training runs that continue one another (`--init-from`), on one step axis.
 
-    python scripts/plot_training_runs.py docs/training/cpu1_history.json docs/training/cpu2_history.json ... \
-        --out docs/training/runs.png
+    python scripts/plot_training_runs.py docs/training/cpu1_history.json docs/training/cpu2_history.json \
+        docs/training/cpu3_history.json docs/training/cpu4_history.json@cpu2 --out docs/training/runs.png
 
-Each history is a run's `history.json`; a run's steps are counted after those of the runs before it.
+Each history is a run's `history.json`, named by its file name less `_history.json`. A run's steps
+are counted after those of the run before it on the command line, or after those of the run named
+after `@` when it continued an earlier one.
 """
 
 import argparse
@@ -21,18 +23,21 @@ MEASURES = (("eval_block_tau", "held-out blocks, chain τ"), ("eval_loss", "held
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("histories", nargs="+", type=Path)
+    parser.add_argument("histories", nargs="+", help="HISTORY.json, or HISTORY.json@RUN if it continued RUN")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     figure, axes = plt.subplots(1, len(MEASURES), figsize=(11, 4))
-    offset = 0
-    for path in args.histories:
+    last_step, previous = {}, None
+    for argument in args.histories:
+        path, _, parent = argument.partition("@")
+        path, parent = Path(path), parent or previous
+        run = path.name.removesuffix("_history.json")
         history = json.loads(path.read_text())
-        steps = [offset + step for step in history["evaluations"]]
+        steps = [last_step.get(parent, 0) + step for step in history["evaluations"]]
         for axis, (name, label) in zip(axes, MEASURES):
-            axis.plot(steps, history[name], "o-", label=path.name.removesuffix("_history.json"))
+            axis.plot(steps, history[name], "o-", label=run)
             axis.set(xlabel="step, all runs", ylabel=label, xscale="log")
-        offset = steps[-1]
+        last_step[run], previous = steps[-1], run
     for axis in axes:
         axis.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
         axis.xaxis.set_major_formatter(ticker.FuncFormatter(lambda step, _: f"{step / 1000:g}k"))
