@@ -21,7 +21,7 @@ from caddtree.decode.sampling import Sampling
 from caddtree.decode.stats import GenerationResult
 from caddtree.errors import CaddtreeError
 from caddtree.models.drafter_io import load_drafter, random_drafter
-from caddtree.models.target import Target, encode_chat, load_target
+from caddtree.models.target import Target, encode_prompt, load_target
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DRAFTER_DIR = Path(__file__).parent / "assets" / "drafter"
@@ -113,8 +113,7 @@ class Pair:
         after that piece (`finish_reason` "caller")."""
         sampling = Sampling(temperature, top_p, top_k)
         check_policy_arguments(method, budget, rule, lookup)
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        prompt_ids = encode_chat(self.target, messages, raw)
+        prompt_ids = encode_prompt(self.target, prompt, raw)
         model = self.cost_model(cost_model, on_text is not None) if method in COST_AWARE_METHODS else None
         policy = make_policy(method, budget, rule, model, calibrate, lookup)
         on_tokens = _text_streamer(self.target.tokenizer, on_text) if on_text else None

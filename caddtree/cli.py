@@ -9,8 +9,12 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from caddtree.errors import CaddtreeError
+
+if TYPE_CHECKING:  # the CLI imports torch-heavy modules only where a command needs them
+    from caddtree.models.target import Prompt
 
 PROG = "caddtree"
 METHOD_CHOICES = ["ar", "dflash", "ddtree", "caddtree", "lookup"]
@@ -431,7 +435,7 @@ def _check_directory(path: str, option: str) -> None:
         raise CaddtreeError(f"{option} {path} is not a directory that can be written ({error.strerror})") from None
 
 
-def _eval_prompt_ids(target, prompts: list[str], files: list[list]) -> set[tuple[int, ...]]:
+def _eval_prompt_ids(target, prompts: list[Prompt], files: list[list]) -> set[tuple[int, ...]]:
     """The token ids of the prompts that measure held-out tau; says how many records have one."""
     from caddtree.models.target import encode_prompt
     from caddtree.train.data import without_prompts
@@ -443,13 +447,13 @@ def _eval_prompt_ids(target, prompts: list[str], files: list[list]) -> set[tuple
     return prompt_ids
 
 
-def _training_prompts(source: str, count: int, seed: int) -> list[str]:
+def _training_prompts(source: str, count: int, seed: int) -> list[Prompt]:
     from caddtree.train.data import file_prompts, sharegpt_prompts
 
     return sharegpt_prompts(count, seed) if source == "sharegpt" else file_prompts(source, count)
 
 
-def _training_examples(args, target, prompts: list[str], eval_prompts: list[str], out):
+def _training_examples(args, target, prompts: list[Prompt], eval_prompts: list[Prompt], out):
     """Records from --data (shuffled with --seed, held-out ones last), or the target's answers to
     `prompts`; none with a prompt of `eval_prompts`."""
     from caddtree.decode.engine import eos_token_ids

@@ -548,6 +548,42 @@ def test_train_drafter_data_only_answers_new_prompts_and_stops(capsys, models, t
     assert code == 0 and "holds 5 records" in stdout and (out / "data.jsonl").read_text().startswith(first)
 
 
+def test_train_drafter_data_only_answers_conversations(capsys, models, tmp_path):
+    """A "messages" line is a conversation: the record's prompt is all of it, as `encode_prompt` gives it."""
+    from caddtree.models.target import encode_prompt, load_target
+
+    conversations = [[{"role": "user", "content": f"w{i} w4"}, {"role": "assistant", "content": "w5 w6"},
+                      {"role": "user", "content": "w7"}] for i in (3, 8)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "w9 w10"}) + "\n"
+                       + "".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, [
+        "train-drafter", "--out", out, "--data-only", "--prompts", prompts, "--num-prompts", "2",
+        "--eval-prompts", "1", "--max-new-tokens", "3", "--target", models["target"], "--device", "cpu"])
+    assert code == 0, err
+    target = load_target(str(models["target"]))
+    expected = sorted(encode_prompt(target, c).tolist() for c in conversations)
+    records = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
+    assert sorted(record["prompt_ids"] for record in records) == expected
+    assert all(len(ids) > len(encode_prompt(target, "w3 w4")) + 2 for ids in expected)
+
+
+@pytest.mark.parametrize("line, words", [
+    ("not json", ["line 2"]),
+    (json.dumps({"text": "w3"}), ["line 2", "found neither"]),
+    (json.dumps({"messages": []}), ["line 2", "found neither"]),
+    (json.dumps({"messages": [{"role": "bot", "content": "w3"}]}), ["line 2", "role of system, user, assistant"]),
+    (json.dumps({"messages": [{"role": "user", "content": "w3"}, {"role": "assistant", "content": "w4"}]}),
+     ["line 2", "the last message is not the user's"]),
+])
+def test_train_drafter_rejects_a_malformed_prompt_file(capsys, tmp_path, line, words):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "w3"}) + "\n" + line + "\n")
+    assert_user_error(capsys, ["train-drafter", "--out", tmp_path / "out", "--prompts", prompts, "--device", "cpu"],
+                      f"prompt file {prompts}", *words, only_line=True)
+
+
 def test_train_drafter_data_only_conflicts_with_data(capsys, tmp_path):
     assert_user_error(capsys, ["train-drafter", "--out", tmp_path, "--data-only", "--data", tmp_path / "x.jsonl"],
                       "--data-only generates data; it cannot be combined with --data", only_line=True)

@@ -181,9 +181,13 @@ def check_prompt_text(prompt: str) -> None:
         raise CaddtreeError("the prompt is empty")
 
 
-def encode_prompt(target: Target, prompt: str, raw: bool = False) -> torch.Tensor:
-    """Prompt token ids (1-D), through the chat template unless `raw` or the model has none."""
-    return encode_chat(target, [{"role": "user", "content": prompt}], raw)
+Prompt = str | list[dict]  # text (one user turn) or a conversation ending in a user turn
+
+
+def encode_prompt(target: Target, prompt: Prompt, raw: bool = False) -> torch.Tensor:
+    """Token ids (1-D) of a prompt: text (one user turn) or a conversation ending in a user turn."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return encode_chat(target, messages, raw)
 
 
 def encode_chat(target: Target, messages: list[dict], raw: bool = False) -> torch.Tensor:

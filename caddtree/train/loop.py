@@ -21,7 +21,7 @@ from tqdm import tqdm
 from caddtree.errors import CaddtreeError
 from caddtree.models.drafter import DFlashDrafter, DraftHead
 from caddtree.models.drafter_io import config_to_dict, load_drafter, random_drafter, resolve_mask_token, save_drafter
-from caddtree.models.target import Target
+from caddtree.models.target import Prompt, Target
 from caddtree.train.data import Example
 from caddtree.train.evaluation import decoding_tau, heldout_metrics
 from caddtree.train.features import Teacher, cached_target_features, target_features
@@ -113,7 +113,7 @@ def teacher_rows(predictions, teachers: list[Teacher], prompt_lengths: list[int]
 
 
 def train(target: Target, examples: list[Example], out_dir: Path, config: TrainConfig,
-          eval_prompts: list[str]) -> DFlashDrafter:
+          eval_prompts: list[Prompt]) -> DFlashDrafter:
     """Train a drafter; writes checkpoints, `history.json` and `loss.png` under out_dir.
 
     The last `config.heldout_records` examples are not trained on: they measure held-out loss,

@@ -1,0 +1,58 @@
+"""Second user turns of ShareGPT as prompts for `train-drafter --prompts`, after the target's own first answer.
+
+    python scripts/sharegpt_second_turns.py --data ../shared/data/smollm2-sharegpt-greedy.jsonl.gz \
+        data/smollm2-sharegpt-greedy-2.jsonl.gz data/smollm2-sharegpt-greedy-3.jsonl.gz --out second-turns.jsonl
+
+Each line is {"messages": [first user turn, the target's greedy answer to it (from --data), second
+user turn]}: a conversation as the target itself would have had it, so the answers made from these
+prompts are what a user's second turn gets. Conversations whose first turn is one of
+`train-drafter`'s held-out records or evaluation prompts (same --heldout-records, --eval-prompts
+and --seed) are left out, so that later runs keep those unseen.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from caddtree.models.target import encode_prompt, load_target
+from caddtree.train.data import held_out_last, read_data_files, sharegpt_conversations, sharegpt_prompts
+
+MIN_CHARS, MAX_CHARS = 16, 1500  # as `sharegpt_prompts`
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", nargs="+", required=True, help="record files answering the first turns")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--heldout-records", type=int, default=136)
+    parser.add_argument("--eval-prompts", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    target = load_target(None)
+    files = read_data_files(args.data, target.model.get_output_embeddings().weight.shape[0])
+    answers = {tuple(record.prompt_ids): record.response_ids for records in files for record in records}
+    unseen = {tuple(encode_prompt(target, prompt).tolist()) for prompt in sharegpt_prompts(args.eval_prompts, args.seed)}
+    held_out = held_out_last(files[:1], args.heldout_records, args.seed, unseen)[-args.heldout_records:]
+    unseen |= {tuple(record.prompt_ids) for record in held_out}
+    lines = []
+    for turns in sharegpt_conversations():
+        if not _has_second_turn(turns):
+            continue
+        first_ids = tuple(encode_prompt(target, turns[0]["value"]).tolist())
+        if first_ids in unseen or first_ids not in answers:
+            continue
+        answer = target.tokenizer.decode(answers[first_ids], skip_special_tokens=True)
+        lines.append(json.dumps({"messages": [{"role": "user", "content": turns[0]["value"]},
+                                              {"role": "assistant", "content": answer},
+                                              {"role": "user", "content": turns[2]["value"]}]}))
+    args.out.write_text("".join(line + "\n" for line in lines))
+    print(f"wrote {len(lines)} conversations to {args.out}")
+
+
+def _has_second_turn(turns: list[dict]) -> bool:
+    return (len(turns) >= 3 and [turn.get("from") for turn in turns[:3]] == ["human", "gpt", "human"]
+            and all(MIN_CHARS <= len(turns[i].get("value", "")) <= MAX_CHARS for i in (0, 2)))
+
+
+if __name__ == "__main__":
+    main()
