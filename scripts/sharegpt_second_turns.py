@@ -15,9 +15,7 @@ import json
 from pathlib import Path
 
 from caddtree.models.target import encode_prompt, load_target
-from caddtree.train.data import held_out_last, read_data_files, sharegpt_conversations, sharegpt_prompts
-
-MIN_CHARS, MAX_CHARS = 16, 1500  # as `sharegpt_prompts`
+from caddtree.train.data import held_out_last, is_prompt_turn, read_data_files, sharegpt_conversations, sharegpt_prompts
 
 
 def main() -> None:
@@ -50,8 +48,7 @@ def main() -> None:
 
 
 def _has_second_turn(turns: list[dict]) -> bool:
-    return (len(turns) >= 3 and [turn.get("from") for turn in turns[:3]] == ["human", "gpt", "human"]
-            and all(MIN_CHARS <= len(turns[i].get("value", "")) <= MAX_CHARS for i in (0, 2)))
+    return len(turns) >= 3 and turns[1].get("from") == "gpt" and is_prompt_turn(turns[0]) and is_prompt_turn(turns[2])
 
 
 if __name__ == "__main__":

@@ -33,10 +33,14 @@ class Example:
 
 def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[str]:
     """First user turns of ShareGPT conversations, shuffled with `seed`."""
-    prompts = [turns[0]["value"] for turns in sharegpt_conversations()
-               if turns and turns[0].get("from") == "human" and 16 <= len(turns[0].get("value", "")) <= max_chars]
+    prompts = [turns[0]["value"] for turns in sharegpt_conversations() if turns and is_prompt_turn(turns[0], max_chars)]
     random.Random(seed).shuffle(prompts)
     return prompts[:limit]
+
+
+def is_prompt_turn(turn: dict, max_chars: int = 1500) -> bool:
+    """A ShareGPT turn that makes a training prompt: the human's, 16 to `max_chars` characters."""
+    return turn.get("from") == "human" and 16 <= len(turn.get("value", "")) <= max_chars
 
 
 def sharegpt_conversations() -> list[list[dict]]:
