@@ -35,5 +35,6 @@ def tiny_model(arch: str = "llama", vocab_size: int = 32, layers: int = 4, seed:
     return model.eval()
 
 
-def tiny_target(arch: str = "llama", vocab_size: int = 32, layers: int = 4, seed: int = 0) -> Target:
-    return Target(tiny_model(arch, vocab_size, layers, seed), tiny_tokenizer(vocab_size), f"tiny-{arch}")
+def tiny_target(arch: str = "llama", vocab_size: int = 32, layers: int = 4, seed: int = 0,
+                init_std: float = 0.3) -> Target:
+    return Target(tiny_model(arch, vocab_size, layers, seed, init_std), tiny_tokenizer(vocab_size), f"tiny-{arch}")

@@ -16,9 +16,10 @@ INITIAL_CAPACITY = 2048  # entries; doubled when full, kept across generations
 class KVBuffer:
     """Entries (..., length, head_dim) held in a buffer (..., capacity, head_dim)."""
 
-    def __init__(self):
+    def __init__(self, capacity: int | None = None):
         self.data: torch.Tensor | None = None
         self.length = 0
+        self.capacity = capacity  # entries to allocate at first; INITIAL_CAPACITY if None
 
     def view(self) -> torch.Tensor:
         return self.data[..., : self.length, :]
@@ -43,6 +44,10 @@ class KVBuffer:
         finally:
             self.length = length
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` of the leading (batch) dimension."""
+        self.data = self.data.index_select(0, rows)
+
     def keep(self, start: int, positions: torch.Tensor) -> None:
         """Keep the first `start` entries and then those at `positions` (>= start, increasing)."""
         kept = self.data.index_select(-2, positions)  # read all before writing: the ranges overlap
@@ -55,7 +60,8 @@ class KVBuffer:
             return
         # Zeroed, not empty: fixed-shape passes attend over unused slots under a mask, and a
         # masked NaN left in fresh memory would still poison the weighted sum of values.
-        grown = like.new_zeros(*like.shape[:-2], max(INITIAL_CAPACITY, 2 * size), like.shape[-1])
+        first = self.capacity or INITIAL_CAPACITY
+        grown = like.new_zeros(*like.shape[:-2], first if size <= first else 2 * size, like.shape[-1])
         if self.length:
             grown[..., : self.length, :].copy_(self.view())
         self.data = grown
@@ -65,9 +71,9 @@ class BufferedCacheLayer(DynamicLayer):
     """A transformers cache layer on KVBuffers: the model's `update` appends in place, and
     `keep` compacts after tree verification."""
 
-    def __init__(self):
+    def __init__(self, capacity: int | None = None):
         super().__init__()
-        self._keys, self._values = KVBuffer(), KVBuffer()
+        self._keys, self._values = KVBuffer(capacity), KVBuffer(capacity)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> None:
         self.device = key_states.device
@@ -86,6 +92,12 @@ class BufferedCacheLayer(DynamicLayer):
         self._keys.keep(start, positions)
         self._values.keep(start, positions)
         self.keys, self.values = self._keys.view(), self._values.view()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._keys.select_rows(indices)
+            self._values.select_rows(indices)
+            self.keys, self.values = self._keys.view(), self._values.view()
 
     def clear(self) -> None:
         self._keys.clear()

@@ -189,13 +189,14 @@ def generate_examples(target: Target, prompts: list[Prompt], cache_file: Path, m
                       batch_size: int, eos_ids: set[int]) -> list[Example]:
     """The target's greedy answers to `prompts`, appended batch by batch to `cache_file`.
 
-    Resumable: prompts already answered in the file are skipped. Prompts are answered shortest
-    first, so that a batch holds similar lengths and little padding.
+    Resumable: prompts already answered in the file are skipped, and a prompt given twice is
+    answered once (greedy answers the same). Prompts are answered shortest first, so that a batch
+    holds similar lengths and little padding.
     """
     examples = read_examples(cache_file)
     done = {tuple(e.prompt_ids) for e in examples}
-    encoded = sorted((encode_prompt(target, prompt).tolist() for prompt in prompts), key=len)
-    todo = [ids for ids in encoded if tuple(ids) not in done]
+    encoded = sorted(dict.fromkeys(tuple(encode_prompt(target, prompt).tolist()) for prompt in prompts), key=len)
+    todo = [list(ids) for ids in encoded if ids not in done]
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     if todo:  # rewrite before appending: drops a line cut short by an interruption
         cache_file.write_text("".join(_record(e) for e in examples))
