@@ -225,8 +225,7 @@ def test_cost_model_for_another_model(capsys, models, tmp_path):
 
 
 def test_prompt_longer_than_context(capsys, models):
-    # 300 one-token words (w2..w9: words starting w0/w1 would split on the special tokens w0, w1);
-    # tiny models hold 256 positions.
+    # 300 one-token words; tiny models hold 256 positions.
     prompt = " ".join(f"w{2 + i % 8}" for i in range(300))
     assert_user_error(capsys, generate_args(models, prompt, "--method", "ar"),
                       "the prompt has 300 tokens", "context holds 256")

@@ -15,10 +15,12 @@ UNUSED_ROWS = 4  # embedding rows past the tokenizer: the drafter's mask token c
 
 
 def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    words = {f"w{i}": i for i in range(vocab_size - UNUSED_ROWS)}
-    backend = Tokenizer(models.WordLevel(vocab=words, unk_token="w0"))
+    # The special words are no part of another word: a special token is matched inside any text,
+    # so naming them w0 and w1 split w10..w19 into two tokens.
+    words = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, vocab_size - UNUSED_ROWS)}
+    backend = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token="w1")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
 
 
 def tiny_model(arch: str = "llama", vocab_size: int = 32, layers: int = 4, seed: int = 0, init_std: float = 0.3):
