@@ -12,7 +12,7 @@ from caddtree.models.drafter import DraftHead
 from caddtree.models.drafter_io import load_drafter, random_drafter
 from caddtree.models.target import TargetRunner
 from caddtree.train.data import Example, generate_examples, read_examples
-from caddtree.train.features import target_features
+from caddtree.train.features import feature_stream, target_features
 from caddtree.train.loop import TrainConfig, learning_rate_factor, train
 from caddtree.train.objective import IGNORE, draft_vocab_loss, pack_blocks, predict_blocks, sample_anchors
 from tiny import tiny_target
@@ -189,9 +189,9 @@ def test_cached_features_are_read_back_record_by_record_and_keyed_by_what_made_t
 
     def counting(target, layer_ids, records, *args):
         computed.append(len(records))
-        return target_features(target, layer_ids, records, *args)
+        return feature_stream(target, layer_ids, records, *args)
 
-    monkeypatch.setattr(features_module, "target_features", counting)
+    monkeypatch.setattr(features_module, "feature_stream", counting)
     again, again_teachers = features_module.cached_target_features(tmp_path, target, [0, 1], chosen[::-1], 40, None, 3)
     assert not computed  # read back in any order, not recomputed
     for a, b, ta, tb in zip(first, again[::-1], first_teachers, again_teachers[::-1]):
@@ -212,6 +212,42 @@ def test_cached_features_are_read_back_record_by_record_and_keyed_by_what_made_t
     written[0].write_bytes(written[0].read_bytes()[:100])
     with pytest.raises(CaddtreeError, match="is damaged .*delete it to recompute"):
         features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, None, 3)
+
+
+def test_the_feature_cache_is_written_as_the_pass_goes_and_a_stopped_pass_keeps_what_it_wrote(tiny_data, tmp_path,
+                                                                                                   monkeypatch):
+    from caddtree.train import features as features_module
+
+    target, examples, _, _ = tiny_data
+    chosen = examples[:9]
+    lengths = sorted(len(e.token_ids) for e in chosen)
+    monkeypatch.setattr(features_module, "CACHE_FILE_TOKENS", sum(lengths[:3]))  # the pass goes shortest first
+    yielded = []
+
+    def stopping(*args):
+        for item in feature_stream(*args):
+            if len(yielded) == 3:
+                raise KeyboardInterrupt
+            yielded.append(item)
+            yield item
+
+    monkeypatch.setattr(features_module, "feature_stream", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, None, 3)
+    assert len(list(tmp_path.glob("features-*.safetensors"))) == 1  # the first three records, written before the stop
+    computed = []
+
+    def counting(target, layer_ids, records, *args):
+        computed.append(len(records))
+        return feature_stream(target, layer_ids, records, *args)
+
+    monkeypatch.setattr(features_module, "feature_stream", counting)
+    features, teachers = features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, None, 3)
+    assert computed == [6] and len(list(tmp_path.glob("features-*.safetensors"))) > 2
+    fresh, fresh_teachers = target_features(target, [0, 1], chosen, 40, None, 3)
+    for a, b, ta, tb in zip(features, fresh, teachers, fresh_teachers):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(ta.log_probs, tb.log_probs)
 
 
 def block_loss(drafter, target, examples, features, anchors, num_blocks, gamma=7.0):
