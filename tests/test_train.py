@@ -176,6 +176,14 @@ def test_batched_features_equal_one_sequence_at_a_time(tiny_data):
         runner.close()
 
 
+def counting_stream(computed: list):
+    """feature_stream that appends to `computed` how many records each call computes."""
+    def counting(target, layer_ids, records, *args):
+        computed.append(len(records))
+        return feature_stream(target, layer_ids, records, *args)
+    return counting
+
+
 def test_cached_features_are_read_back_record_by_record_and_keyed_by_what_made_them(tiny_data, tmp_path, monkeypatch):
     from caddtree.errors import CaddtreeError
     from caddtree.train import features as features_module
@@ -186,12 +194,7 @@ def test_cached_features_are_read_back_record_by_record_and_keyed_by_what_made_t
     written = list(tmp_path.glob("features-*.safetensors"))
     assert len(written) == 1 and not list(tmp_path.glob("*.partial"))
     computed = []
-
-    def counting(target, layer_ids, records, *args):
-        computed.append(len(records))
-        return feature_stream(target, layer_ids, records, *args)
-
-    monkeypatch.setattr(features_module, "feature_stream", counting)
+    monkeypatch.setattr(features_module, "feature_stream", counting_stream(computed))
     again, again_teachers = features_module.cached_target_features(tmp_path, target, [0, 1], chosen[::-1], 40, None, 3)
     assert not computed  # read back in any order, not recomputed
     for a, b, ta, tb in zip(first, again[::-1], first_teachers, again_teachers[::-1]):
@@ -236,12 +239,7 @@ def test_the_feature_cache_is_written_as_the_pass_goes_and_a_stopped_pass_keeps_
         features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, None, 3)
     assert len(list(tmp_path.glob("features-*.safetensors"))) == 1  # the first three records, written before the stop
     computed = []
-
-    def counting(target, layer_ids, records, *args):
-        computed.append(len(records))
-        return feature_stream(target, layer_ids, records, *args)
-
-    monkeypatch.setattr(features_module, "feature_stream", counting)
+    monkeypatch.setattr(features_module, "feature_stream", counting_stream(computed))
     features, teachers = features_module.cached_target_features(tmp_path, target, [0, 1], chosen, 40, None, 3)
     assert computed == [6] and len(list(tmp_path.glob("features-*.safetensors"))) > 2
     fresh, fresh_teachers = target_features(target, [0, 1], chosen, 40, None, 3)
