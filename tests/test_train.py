@@ -126,7 +126,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_drafter(tiny_data, tmp_pa
     first, last = history["loss"][:10], history["loss"][-10:]
     assert sum(last) / len(last) < 0.8 * sum(first) / len(first)
     assert history["evaluations"] == [40, 80] and history["training_records"] == len(examples) - 4
-    for name in ("eval_tau_dflash", "eval_tau_ddtree16", "eval_block_tau", "eval_loss"):
+    for name in ("eval_tau_dflash", "eval_tau_ddtree16", "eval_block_tau", "eval_chain_tau", "eval_loss"):
         assert len(history[name]) == 2, name
     assert history["eval_loss"][1] < history["eval_loss"][0]
     assert 0 < history["draft_vocab_heldout_coverage"] <= 1 and len(history["eval_accuracy_by_offset"][0]) == 5
@@ -326,6 +326,30 @@ def test_leading_hits_counts_each_blocks_run_of_hits(tiny_data):
             count += 1
         expected.append(count)
     assert leading_hits(predictions, hits[keep], 6, 8).tolist() == expected
+
+
+def test_the_held_out_chain_takes_the_rounds_decoding_takes(tiny_data, tmp_path):
+    """Walking blocks anchored at every answer position gives, answer by answer, the number of
+    rounds that decoding with the DFlash chain takes."""
+    from caddtree.decode.engine import Engine
+    from caddtree.decode.policy import make_policy
+    from caddtree.train.evaluation import chain_rounds
+
+    target, examples, _, prompts = tiny_data
+    config = TrainConfig(block_size=6, steps=60, learning_rate=3e-3, warmup_steps=5, anchors_per_sequence=8,
+                         eval_every=1000, draft_vocab_size=12)
+    drafter = train(target, examples, tmp_path / "drafter", config, []).float()
+    answers = generate_examples(target, prompts[:6], tmp_path / "long.jsonl", 40, 6, eos_token_ids(target))
+    features, _ = target_features(target, drafter.config.target_layer_ids, answers, None, None, 0)
+    head = DraftHead(drafter, target.model.get_output_embeddings())
+    rounds = chain_rounds(drafter, head, target.model.get_input_embeddings(), [e.token_ids for e in answers],
+                          [len(e.prompt_ids) for e in answers], features, drafter.config.mask_token_id)
+    engine = Engine(target, drafter, static_shapes=False)
+    decoded = [engine.generate(torch.tensor(e.prompt_ids), make_policy("dflash"), len(e.response_ids))
+               for e in answers]
+    assert [result.tokens for result in decoded] == [e.response_ids for e in answers]
+    assert rounds == [len(result.rounds) for result in decoded]
+    assert sum(len(e.response_ids) for e in answers) > 1.5 * (sum(rounds) + len(answers))  # drafts get accepted
 
 
 def test_a_time_limit_ends_training_and_still_saves(tiny_data, tmp_path):

@@ -117,7 +117,7 @@ def train(target: Target, examples: list[Example], out_dir: Path, config: TrainC
     """Train a drafter; writes checkpoints, `history.json` and `loss.png` under out_dir.
 
     The last `config.heldout_records` examples are not trained on: they measure held-out loss,
-    per-offset accuracy and the chain's block τ at every evaluation.
+    per-offset accuracy and the chain's block τ and decoding τ at every evaluation.
     """
     torch.manual_seed(config.seed)
     target.model.requires_grad_(False)
@@ -238,7 +238,9 @@ def plot_history(history: dict, path: Path) -> None:
                        label="held-out (against the chosen token)")
     loss_axis.set(xlabel="step", ylabel="decayed cross-entropy")
     loss_axis.legend()
-    for name, label in (("eval_block_tau", "held-out blocks, chain"), ("eval_tau_dflash", "held-out prompts, dflash"),
+    for name, label in (("eval_block_tau", "held-out blocks, chain (random anchors)"),
+                        ("eval_chain_tau", "held-out answers, chain as decoded"),
+                        ("eval_tau_dflash", "held-out prompts, dflash"),
                         ("eval_tau_ddtree16", "held-out prompts, ddtree 16")):
         if name in history:
             tau_axis.plot(history["evaluations"], history[name], "o-", label=label)
