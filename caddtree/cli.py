@@ -40,14 +40,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _float(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def _float_in(low: float, high: float):
+    """An argparse type: a number in [low, high)."""
+
+    def parse(text: str) -> float:
+        value = _float(text)
+        if not low <= value < high:
+            bounds = f">= {low:g}" + (f" and < {high:g}" if high != float("inf") else "")
+            raise argparse.ArgumentTypeError(f"must be a number {bounds}, got {text}")
+        return value
+
+    return parse
 
 
 def _int(text: str) -> int:
@@ -166,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop training after this many minutes; the schedule decays over whichever ends first")
     train.add_argument("--learning-rate", type=_positive_float, default=6e-4)
     train.add_argument("--warmup-steps", type=_non_negative_int, default=50)
+    train.add_argument("--weight-decay", type=_float_in(0, float("inf")), default=0.01,
+                       help="AdamW's decoupled weight decay (default 0.01)")
+    train.add_argument("--feature-dropout", type=_float_in(0, 1), default=0.0, metavar="P",
+                       help="in training, zero this share of the target features the drafter reads (default 0)")
     train.add_argument("--anchors", type=_positive_int, default=16, help="anchored blocks per sequence")
     train.add_argument("--gamma", type=_positive_float, default=7.0,
                        help="loss weight of block offset k is exp(-(k-1)/gamma) (default 7)")
@@ -406,7 +427,8 @@ def run_train_drafter(args) -> None:
     config = TrainConfig(
         num_layers=args.layers or 1, feature_layers=args.feature_layers, draft_vocab_size=args.draft_vocab,
         block_size=args.block_size or 16, steps=args.steps, max_minutes=args.max_minutes,
-        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, save_dtype=args.save_dtype,
+        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        feature_dropout=args.feature_dropout, save_dtype=args.save_dtype,
         sequences_per_step=args.sequences_per_step, anchors_per_sequence=args.anchors, gamma=args.gamma,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, heldout_records=args.heldout_records,
         mask_token_id=args.mask_token_id, feature_dtype=args.feature_dtype, feature_cache=args.feature_cache,

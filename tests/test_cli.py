@@ -118,6 +118,14 @@ def test_train_time_limit_must_be_a_positive_number(capsys, tmp_path, value, wor
                       "--max-minutes", words, only_line=True)
 
 
+@pytest.mark.parametrize("option, value, words", [
+    ("--weight-decay", "-0.1", "must be a number >= 0, got -0.1"), ("--weight-decay", "nan", "got nan"),
+    ("--feature-dropout", "1", "must be a number >= 0 and < 1, got 1"), ("--feature-dropout", "x", "not a number"),
+])
+def test_train_regularisation_options_are_checked(capsys, tmp_path, option, value, words):
+    assert_user_error(capsys, ["train-drafter", "--out", str(tmp_path), option, value], option, words, only_line=True)
+
+
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_empty_prompt(capsys, models, prompt):
     assert_user_error(capsys, generate_args(models, prompt), "the prompt is empty", only_line=True)

@@ -352,6 +352,20 @@ def test_the_held_out_chain_takes_the_rounds_decoding_takes(tiny_data, tmp_path)
     assert sum(len(e.response_ids) for e in answers) > 1.5 * (sum(rounds) + len(answers))  # drafts get accepted
 
 
+def test_feature_dropout_zeroes_a_share_of_the_training_features_only(tiny_data):
+    from caddtree.train.loop import _Batches
+
+    _, examples, _, _ = tiny_data
+    features = [torch.rand(len(e.token_ids), 40) + 1 for e in examples]
+    for dropout in (0.0, 0.3):
+        batches = _Batches(examples, features, None, TrainConfig(feature_dropout=dropout, sequences_per_step=24))
+        chosen, _, drawn, _ = batches.next()
+        kept = torch.cat([d.flatten() for d in drawn]) != 0
+        assert abs((1 - kept.float().mean()) - dropout) < 0.03
+        for i, d in zip(chosen, drawn):  # the rest scaled to keep the mean
+            torch.testing.assert_close(d[d != 0], features[i][d != 0] / (1 - dropout))
+
+
 def test_a_time_limit_ends_training_and_still_saves(tiny_data, tmp_path):
     target, examples, _, _ = tiny_data
     config = TrainConfig(block_size=6, steps=10**6, max_minutes=0.01, sequences_per_step=2, anchors_per_sequence=4,

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from caddtree.errors import CaddtreeError
@@ -40,6 +41,7 @@ class TrainConfig:
     learning_rate: float = 6e-4
     warmup_steps: int = 50
     weight_decay: float = 0.01
+    feature_dropout: float = 0.0  # share of the context features zeroed in training, against memorising
     grad_clip: float = 1.0
     sequences_per_step: int = 4
     anchors_per_sequence: int = 16
@@ -92,7 +94,10 @@ class _Batches:
         chosen = self.order.sample(range(len(self.examples)), count)
         anchors = [sample_anchors(len(self.examples[i].prompt_ids), len(self.examples[i].token_ids),
                                   self.config.anchors_per_sequence, self.generator) for i in chosen]
-        return chosen, [self.examples[i].token_ids for i in chosen], [self.features[i] for i in chosen], anchors
+        features = [self.features[i] for i in chosen]
+        if self.config.feature_dropout:
+            features = [F.dropout(f.float(), self.config.feature_dropout) for f in features]
+        return chosen, [self.examples[i].token_ids for i in chosen], features, anchors
 
     def loss(self, predictions, head: DraftHead, chosen: list[int]) -> torch.Tensor:
         if not self.config.distill_top_k:
