@@ -171,8 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--generation-batch", type=_positive_int, default=16)
     train.add_argument("--data-only", action="store_true",
                        help="answer the prompts into OUT/data.jsonl (resuming it) and stop: no features, no training")
-    train.add_argument("--init-from", metavar="DIR", help="continue training this checkpoint (it fixes the architecture)")
-    train.add_argument("--layers", type=_positive_int, help="drafter layers (default 1)")
+    train.add_argument("--init-from", metavar="DIR",
+                       help="continue training this checkpoint (it fixes the architecture; --layers adds layers "
+                            "that start as no-ops)")
+    train.add_argument("--layers", type=_positive_int,
+                       help="drafter layers (default 1; with --init-from, more than its own grows it)")
     train.add_argument("--feature-layers", type=_int_list(0),
                        help="target layers the drafter reads, e.g. 1,14,27 (default: DFlash's spread for --layers)")
     train.add_argument("--draft-vocab", type=_positive_int, metavar="K",
@@ -425,7 +428,7 @@ def run_train_drafter(args) -> None:
     if args.heldout_records >= len(examples):
         raise CaddtreeError(f"--heldout-records {args.heldout_records} leaves nothing of the {len(examples)} records to train on")
     config = TrainConfig(
-        num_layers=args.layers or 1, feature_layers=args.feature_layers, draft_vocab_size=args.draft_vocab,
+        num_layers=args.layers, feature_layers=args.feature_layers, draft_vocab_size=args.draft_vocab,
         block_size=args.block_size or 16, steps=args.steps, max_minutes=args.max_minutes,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         feature_dropout=args.feature_dropout, save_dtype=args.save_dtype,
@@ -439,11 +442,12 @@ def run_train_drafter(args) -> None:
 
 
 def _check_architecture_arguments(args) -> None:
-    """A checkpoint to continue from fixes the architecture: options that would change it are mistakes."""
+    """A checkpoint to continue from fixes the architecture (it may only grow, with --layers): options
+    that would change it are mistakes."""
     if args.block_size is not None and args.block_size < 2:
         raise CaddtreeError(f"--block-size must be at least 2, got {args.block_size}")
     if args.init_from:
-        given = [f"--{name.replace('_', '-')}" for name in ("layers", "feature_layers", "draft_vocab", "block_size")
+        given = [f"--{name.replace('_', '-')}" for name in ("feature_layers", "draft_vocab", "block_size")
                  if getattr(args, name) is not None]
         if given:
             raise CaddtreeError(f"{', '.join(given)} cannot change the architecture of --init-from {args.init_from}")

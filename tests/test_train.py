@@ -152,6 +152,33 @@ def test_training_continues_from_a_checkpoint(tiny_data, tmp_path):
     assert load_drafter(str(tmp_path / "second"), target).config.draft_vocab_size == 12
 
 
+def test_a_grown_drafter_computes_what_it_grew_from_until_trained(tiny_data, tmp_path):
+    from caddtree.errors import CaddtreeError
+    from caddtree.models.drafter_io import grown_drafter
+
+    target, examples, _, _ = tiny_data
+    drafter = random_drafter(target, 1, 6, seed=3, mask_token_id=30, target_layer_ids=[1, 3]).float()
+    grown = grown_drafter(drafter, 3)
+    assert grown.config.num_hidden_layers == 3 and drafter.config.num_hidden_layers == 1
+    features, _ = target_features(target, [1, 3], examples[:3], None, None, 0)
+    anchors = [sample_anchors(len(e.prompt_ids), len(e.token_ids), 4, torch.Generator().manual_seed(0))
+               for e in examples[:3]]
+    head, embed = DraftHead(drafter, target.model.get_output_embeddings()), target.model.get_input_embeddings()
+    with torch.no_grad():
+        before, after = (predict_blocks(d, head, embed, [e.token_ids for e in examples[:3]], features, anchors,
+                                        4, 30, 7.0).logits for d in (drafter, grown))
+    torch.testing.assert_close(after, before)
+    config = TrainConfig(num_layers=2, block_size=6, steps=20, learning_rate=3e-3, warmup_steps=5,
+                         anchors_per_sequence=8, eval_every=1000, draft_vocab_size=12)
+    train(target, examples, tmp_path / "one", dataclasses.replace(config, num_layers=None), [])
+    trained = train(target, examples, tmp_path / "two", dataclasses.replace(config, init_from=str(tmp_path / "one")), [])
+    assert trained.layers[1].mlp.down_proj.weight.abs().sum() > 0  # the added layer learns
+    assert load_drafter(str(tmp_path / "two"), target).config.num_hidden_layers == 2
+    with pytest.raises(CaddtreeError, match="--layers 1 is fewer than the 2 of --init-from .* grow, not shrink"):
+        train(target, examples, tmp_path / "three",
+              dataclasses.replace(config, num_layers=1, init_from=str(tmp_path / "two")), [])
+
+
 def test_example_token_ids():
     assert Example([1, 2], [3]).token_ids.tolist() == [1, 2, 3]
 

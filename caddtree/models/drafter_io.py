@@ -8,6 +8,7 @@ or head: the target's are used. Every problem with a checkpoint is reported as a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -236,6 +237,23 @@ def random_drafter(target: Target, num_layers: int = 1, block_size: int = 16, se
     drafter = drafter.to(device=target.device, dtype=target.dtype).eval()
     check_draft_vocab(drafter, target, "(new)")
     return drafter
+
+
+def grown_drafter(drafter: DFlashDrafter, num_layers: int) -> DFlashDrafter:
+    """`drafter` with layers added after its last up to `num_layers`, each a copy of the last with
+    its output projections (attention and MLP) zeroed: a residual layer that adds nothing, so the
+    grown drafter computes exactly what `drafter` does until training moves those projections."""
+    config = dataclasses.replace(drafter.config, num_hidden_layers=num_layers)
+    grown = DFlashDrafter(config).to(device=drafter.fc.weight.device, dtype=drafter.fc.weight.dtype)
+    state = drafter.state_dict()
+    last = drafter.config.num_hidden_layers - 1
+    for index in range(last + 1, num_layers):
+        for key, value in drafter.layers[last].state_dict().items():
+            state[f"layers.{index}.{key}"] = value.clone()
+        state[f"layers.{index}.self_attn.o_proj.weight"].zero_()
+        state[f"layers.{index}.mlp.down_proj.weight"].zero_()
+    grown.load_state_dict(state)
+    return grown
 
 
 def resolve_mask_token(config: DrafterConfig, target: Target) -> int:

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from caddtree.errors import CaddtreeError
 from caddtree.models.drafter import DFlashDrafter, DraftHead
-from caddtree.models.drafter_io import config_to_dict, load_drafter, random_drafter, resolve_mask_token, save_drafter
+from caddtree.models.drafter_io import (config_to_dict, grown_drafter, load_drafter, random_drafter,
+                                       resolve_mask_token, save_drafter)
 from caddtree.models.target import Prompt, Target
 from caddtree.train.data import Example
 from caddtree.train.evaluation import decoding_tau, heldout_metrics
@@ -32,7 +33,7 @@ from caddtree.train.vocab import coverage, frequent_tokens
 
 @dataclass
 class TrainConfig:
-    num_layers: int = 1
+    num_layers: int | None = None  # None: 1, or the checkpoint's own; more than it grows it
     feature_layers: list[int] | None = None  # target layers the drafter reads; None: DFlash's spread
     draft_vocab_size: int | None = None  # score only the K most frequent answer tokens; None: all
     block_size: int = 16
@@ -74,10 +75,14 @@ def initial_drafter(target: Target, examples: list[Example], config: TrainConfig
         if config.mask_token_id is not None and config.mask_token_id != drafter.config.mask_token_id:
             raise CaddtreeError(f"--mask-token-id {config.mask_token_id} differs from the checkpoint's "
                                 f"{drafter.config.mask_token_id} in {config.init_from}")
-        return drafter
+        layers = drafter.config.num_hidden_layers
+        if (config.num_layers or layers) < layers:
+            raise CaddtreeError(f"--layers {config.num_layers} is fewer than the {layers} of --init-from "
+                                f"{config.init_from}: a drafter can grow, not shrink")
+        return grown_drafter(drafter, config.num_layers) if (config.num_layers or layers) > layers else drafter
     vocab_size = target.model.get_output_embeddings().weight.shape[0]
     vocab = frequent_tokens(examples, config.draft_vocab_size, vocab_size) if config.draft_vocab_size else None
-    return random_drafter(target, config.num_layers, config.block_size, config.seed, config.mask_token_id,
+    return random_drafter(target, config.num_layers or 1, config.block_size, config.seed, config.mask_token_id,
                           config.feature_layers, vocab)
 
 

@@ -1,0 +1,58 @@
+"""Loss, block τ and chain τ of drafters on the held-out records that no run trained on.
+
+    python scripts/compare_drafters_heldout.py caddtree/assets/drafter runs/cpu7
+
+The held-out records are `train-drafter --heldout-records 136 --eval-prompts 6`'s over the four
+data files (the first file's last 136 after the shuffle), less those whose prompt another record
+shares (121): the set TRAINING.md compares drafters on. Features are computed afresh (bfloat16),
+once for all drafters, which are evaluated one after the other in this process.
+"""
+
+import argparse
+import collections
+import json
+from argparse import Namespace
+
+import torch
+
+from caddtree import cli
+from caddtree.models.drafter import DraftHead
+from caddtree.models.drafter_io import load_drafter
+from caddtree.models.target import load_target
+from caddtree.train.data import read_data_files
+from caddtree.train.evaluation import heldout_metrics
+from caddtree.train.features import target_features
+
+FILES = ["../shared/data/smollm2-sharegpt-greedy.jsonl.gz", "data/smollm2-sharegpt-greedy-2.jsonl.gz",
+         "data/smollm2-sharegpt-greedy-3.jsonl.gz", "data/smollm2-sharegpt-greedy-4.jsonl.gz"]
+
+
+def unique_heldout(target):
+    examples = cli._training_examples(Namespace(data=FILES, heldout_records=136, seed=0), target, [],
+                                      cli._training_prompts("sharegpt", 6, 0), None)
+    files = read_data_files(FILES, target.model.get_output_embeddings().weight.shape[0])
+    count = collections.Counter(tuple(r.prompt_ids) for records in files for r in records)
+    return [e for e in examples[-136:] if count[tuple(e.prompt_ids)] == 1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("drafters", nargs="+", help="drafter directories")
+    args = parser.parse_args()
+    target = load_target(None, "cpu")
+    records = unique_heldout(target)
+    layers = load_drafter(args.drafters[0], target).config.target_layer_ids
+    features, _ = target_features(target, layers, records, None, torch.bfloat16, 0)
+    results = {}
+    for spec in args.drafters:
+        drafter = load_drafter(spec, target).float().eval()
+        head, embed = DraftHead(drafter, target.model.get_output_embeddings()), target.model.get_input_embeddings()
+        measures = heldout_metrics(drafter, head, embed, [e.token_ids for e in records],
+                                   [len(e.prompt_ids) for e in records], features, 16, drafter.config.mask_token_id, 4.0)
+        results[spec] = {name: round(measures[name], 4) for name in ("loss", "block_tau", "chain_tau")}
+        print(f"{spec}: {len(records)} records, {results[spec]}", flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
