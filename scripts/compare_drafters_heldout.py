@@ -5,7 +5,8 @@
 The held-out records are `train-drafter --heldout-records 136 --eval-prompts 6`'s over the four
 data files (the first file's last 136 after the shuffle), less those whose prompt another record
 shares (121): the set TRAINING.md compares drafters on. Features are computed afresh (bfloat16),
-once for all drafters, which are evaluated one after the other in this process.
+once per set of target layers the drafters read; the drafters are evaluated one after the other
+in this process.
 """
 
 import argparse
@@ -41,14 +42,17 @@ def main() -> None:
     args = parser.parse_args()
     target = load_target(None, "cpu")
     records = unique_heldout(target)
-    layers = load_drafter(args.drafters[0], target).config.target_layer_ids
-    features, _ = target_features(target, layers, records, None, torch.bfloat16, 0)
+    features = {}  # per set of target layers the drafters read
     results = {}
     for spec in args.drafters:
         drafter = load_drafter(spec, target).float().eval()
+        layers = tuple(drafter.config.target_layer_ids)
+        if layers not in features:
+            features[layers] = target_features(target, list(layers), records, None, torch.bfloat16, 0)[0]
         head, embed = DraftHead(drafter, target.model.get_output_embeddings()), target.model.get_input_embeddings()
         measures = heldout_metrics(drafter, head, embed, [e.token_ids for e in records],
-                                   [len(e.prompt_ids) for e in records], features, 16, drafter.config.mask_token_id, 4.0)
+                                   [len(e.prompt_ids) for e in records], features[layers], 16,
+                                   drafter.config.mask_token_id, 4.0)
         results[spec] = {name: round(measures[name], 4) for name in ("loss", "block_tau", "chain_tau")}
         print(f"{spec}: {len(records)} records, {results[spec]}", flush=True)
     print(json.dumps(results))

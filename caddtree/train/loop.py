@@ -76,10 +76,11 @@ def initial_drafter(target: Target, examples: list[Example], config: TrainConfig
             raise CaddtreeError(f"--mask-token-id {config.mask_token_id} differs from the checkpoint's "
                                 f"{drafter.config.mask_token_id} in {config.init_from}")
         layers = drafter.config.num_hidden_layers
-        if (config.num_layers or layers) < layers:
-            raise CaddtreeError(f"--layers {config.num_layers} is fewer than the {layers} of --init-from "
+        wanted = config.num_layers or layers
+        if wanted < layers:
+            raise CaddtreeError(f"--layers {wanted} is fewer than the {layers} of --init-from "
                                 f"{config.init_from}: a drafter can grow, not shrink")
-        return grown_drafter(drafter, config.num_layers) if (config.num_layers or layers) > layers else drafter
+        return grown_drafter(drafter, wanted) if wanted > layers else drafter
     vocab_size = target.model.get_output_embeddings().weight.shape[0]
     vocab = frequent_tokens(examples, config.draft_vocab_size, vocab_size) if config.draft_vocab_size else None
     return random_drafter(target, config.num_layers or 1, config.block_size, config.seed, config.mask_token_id,
