@@ -2,12 +2,12 @@
 
     python scripts/plot_training_runs.py docs/training/cpu1_history.json docs/training/cpu2_history.json \
         docs/training/cpu3_history.json docs/training/cpu4_history.json@cpu2 docs/training/cpu5_history.json@cpu4 \
-        docs/training/cpu6_history.json@cpu5 \
+        docs/training/cpu6_history.json@cpu5 docs/training/cpu7_history.json@ \
         --out docs/training/runs.png
 
 Each history is a run's `history.json`, named by its file name less `_history.json`. A run's steps
 are counted after those of the run before it on the command line, or after those of the run named
-after `@` when it continued an earlier one.
+after `@` when it continued an earlier one; a bare `@` starts a run from scratch at step 0.
 """
 
 import argparse
@@ -20,24 +20,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib import ticker
 
-MEASURES = (("eval_block_tau", "held-out blocks, chain τ"), ("eval_loss", "held-out loss"))
+MEASURES = (("eval_block_tau", "held-out block τ"), ("eval_chain_tau", "held-out chain τ (as decoded)"),
+            ("eval_loss", "held-out loss"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("histories", nargs="+", help="HISTORY.json, or HISTORY.json@RUN if it continued RUN")
+    parser.add_argument("histories", nargs="+",
+                        help="HISTORY.json, HISTORY.json@RUN if it continued RUN, HISTORY.json@ if it started from scratch")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    figure, axes = plt.subplots(1, len(MEASURES), figsize=(11, 4))
+    figure, axes = plt.subplots(1, len(MEASURES), figsize=(15, 4))
     last_step, previous = {}, None
-    for argument in args.histories:
-        path, _, parent = argument.partition("@")
-        path, parent = Path(path), parent or previous
+    for index, argument in enumerate(args.histories):
+        path, continued, parent = argument.partition("@")
+        path, parent = Path(path), parent if continued else previous
         run = path.name.removesuffix("_history.json")
         history = json.loads(path.read_text())
         steps = [last_step.get(parent, 0) + step for step in history["evaluations"]]
         for axis, (name, label) in zip(axes, MEASURES):
-            axis.plot(steps, history[name], "o-", label=run)
+            if name not in history:  # runs before chain τ was measured
+                continue
+            axis.plot(steps, history[name], "o-", label=run, color=f"C{index}")
             axis.set(xlabel="step, all runs", ylabel=label, xscale="log")
         last_step[run], previous = steps[-1], run
     for axis in axes:
