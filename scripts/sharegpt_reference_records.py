@@ -13,12 +13,11 @@ feature pass, which labels every position with the target's own distribution (`-
 import argparse
 import gzip
 import json
-import random
 
 from tqdm import tqdm
 
 from caddtree.models.target import encode_prompt, load_target
-from caddtree.train.data import is_prompt_turn, sharegpt_conversations
+from caddtree.train.data import sharegpt_prompted_conversations
 
 MAX_PROMPT_TOKENS, MAX_ANSWER_TOKENS, END_OF_TURN = 384, 256, 2
 
@@ -29,16 +28,16 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=100, help="leave out the first SKIP prompts of the order")
     parser.add_argument("--limit", type=int, default=None, help="at most this many records")
     args = parser.parse_args()
-    # Shuffled as sharegpt_prompts shuffles its prompts (same length, same seed: same order).
     pairs = [(turns[0]["value"], turns[1]["value"] if len(turns) > 1 and turns[1].get("from") == "gpt" else "")
-             for turns in sharegpt_conversations() if turns and is_prompt_turn(turns[0])]
-    random.Random(0).shuffle(pairs)
+             for turns in sharegpt_prompted_conversations()]
     target = load_target(None)
     records = answer_tokens = 0
     with gzip.open(args.out, "wt") as out:
         for prompt, answer in tqdm(pairs[args.skip:], desc="records", unit="prompt"):
+            if len(answer) < 16:
+                continue
             prompt_ids = encode_prompt(target, prompt).tolist()
-            if len(answer) < 16 or len(prompt_ids) > MAX_PROMPT_TOKENS:
+            if len(prompt_ids) > MAX_PROMPT_TOKENS:
                 continue
             answer_ids = target.tokenizer(answer, add_special_tokens=False)["input_ids"]
             answer_ids = answer_ids[:MAX_ANSWER_TOKENS] if len(answer_ids) >= MAX_ANSWER_TOKENS else answer_ids + [END_OF_TURN]

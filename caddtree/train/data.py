@@ -33,9 +33,14 @@ class Example:
 
 def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[str]:
     """First user turns of ShareGPT conversations, shuffled with `seed`."""
-    prompts = [turns[0]["value"] for turns in sharegpt_conversations() if turns and is_prompt_turn(turns[0], max_chars)]
-    random.Random(seed).shuffle(prompts)
-    return prompts[:limit]
+    return [turns[0]["value"] for turns in sharegpt_prompted_conversations(seed, max_chars)[:limit]]
+
+
+def sharegpt_prompted_conversations(seed: int = 0, max_chars: int = 1500) -> list[list[dict]]:
+    """The ShareGPT conversations that open with a prompt turn, in `sharegpt_prompts`' order."""
+    conversations = [turns for turns in sharegpt_conversations() if turns and is_prompt_turn(turns[0], max_chars)]
+    random.Random(seed).shuffle(conversations)
+    return conversations
 
 
 def is_prompt_turn(turn: dict, max_chars: int = 1500) -> bool:
