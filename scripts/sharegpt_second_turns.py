@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from caddtree.models.target import encode_prompt, load_target
-from caddtree.train.data import held_out_last, is_prompt_turn, read_data_files, sharegpt_conversations, sharegpt_prompts
+from caddtree.train.data import is_prompt_turn, read_data_files, sharegpt_conversations, unseen_prompt_ids
 
 
 def main() -> None:
@@ -29,9 +29,7 @@ def main() -> None:
     target = load_target(None)
     files = read_data_files(args.data, target.model.get_output_embeddings().weight.shape[0])
     answers = {tuple(record.prompt_ids): record.response_ids for records in files for record in records}
-    unseen = {tuple(encode_prompt(target, prompt).tolist()) for prompt in sharegpt_prompts(args.eval_prompts, args.seed)}
-    held_out = held_out_last(files[:1], args.heldout_records, args.seed, unseen)[-args.heldout_records:]
-    unseen |= {tuple(record.prompt_ids) for record in held_out}
+    unseen = unseen_prompt_ids(target, files[0], args.heldout_records, args.eval_prompts, args.seed)
     lines = []
     for turns in sharegpt_conversations():
         if not _has_second_turn(turns):

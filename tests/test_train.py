@@ -486,6 +486,18 @@ def test_held_out_records_stay_held_out_when_files_are_added():
     assert sorted(without, key=key) == sorted([e for e in together if tuple(e.prompt_ids) not in excluded], key=key)
 
 
+def test_unseen_prompts_are_the_eval_prompts_and_the_held_out_records_prompts(monkeypatch):
+    import caddtree.train.data as data
+
+    monkeypatch.setattr(data, "sharegpt_prompts", lambda limit, seed: ["ab", "c"][:limit])
+    monkeypatch.setattr(data, "encode_prompt", lambda target, prompt: torch.tensor([ord(c) for c in prompt]))
+    first = [Example([n], [n + 1, 1]) for n in range(2, 30)] + [Example([ord("c")], [5, 1])]
+    eval_ids = {(ord("a"), ord("b")), (ord("c"),)}
+    held_out = data.held_out_last([first], 5, seed=3, excluded=eval_ids)[-5:]
+    assert data.unseen_prompt_ids(None, first, 5, 2, seed=3) == eval_ids | {tuple(e.prompt_ids) for e in held_out}
+    assert data.unseen_prompt_ids(None, first, 0, 1, seed=3) == {(ord("a"), ord("b"))}
+
+
 @pytest.mark.parametrize("line, words", [
     ('{"prompt_ids": [3, 4], "response_ids": [5', "line 2: not valid JSON"),
     ('[3, 4]', "line 2: expected an object with prompt_ids and response_ids"),

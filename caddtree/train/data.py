@@ -150,6 +150,17 @@ def held_out_last(files: list[list[Example]], heldout: int, seed: int,
     return without_prompts(training, held_prompts) + kept_out
 
 
+def unseen_prompt_ids(target: Target, first_file: list[Example], heldout: int, eval_prompts: int,
+                      seed: int = 0) -> set[tuple[int, ...]]:
+    """Token ids of the prompts that `train-drafter --heldout-records heldout --eval-prompts
+    eval_prompts --seed seed`, given `first_file` as its first --data file, keeps unseen: its
+    evaluation prompts and its held-out records' prompts. Scripts that make data from ShareGPT
+    conversations leave out conversations opening with one of them."""
+    unseen = {tuple(encode_prompt(target, prompt).tolist()) for prompt in sharegpt_prompts(eval_prompts, seed)}
+    held_out = held_out_last([first_file], heldout, seed, unseen)[-heldout:] if heldout else []
+    return unseen | {tuple(record.prompt_ids) for record in held_out}
+
+
 def without_prompts(records: list[Example], prompts: set[tuple[int, ...]]) -> list[Example]:
     """The records whose prompt (token ids) is none of `prompts`."""
     return [record for record in records if tuple(record.prompt_ids) not in prompts]
