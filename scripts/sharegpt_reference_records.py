@@ -45,21 +45,22 @@ def main() -> None:
         parser.error("--turns later needs --data, the file whose held-out records' conversations it leaves out")
     target = load_target(None)
     conversations = sharegpt_prompted_conversations()[args.skip:]
-    if args.data:
-        unseen = unseen_prompt_ids(target, read_data_files([args.data], target.model.get_output_embeddings().weight.shape[0])[0],
-                                   args.heldout_records, args.eval_prompts)
-        conversations = [turns for turns in conversations
-                         if tuple(encode_prompt(target, turns[0]["value"]).tolist()) not in unseen]
+    unseen = unseen_prompt_ids(target, read_data_files([args.data], target.model.get_output_embeddings().weight.shape[0])[0],
+                               args.heldout_records, args.eval_prompts) if args.data else set()
     records = answer_tokens = 0
     with gzip.open(args.out, "wt") as out:
-        for record in islice(_records(target, conversations, args.turns == "later", args.max_prompt_tokens), args.limit):
+        for record in islice(_records(target, conversations, unseen, args.turns == "later", args.max_prompt_tokens), args.limit):
             out.write(json.dumps(record) + "\n")
             records, answer_tokens = records + 1, answer_tokens + len(record["response_ids"])
     print(f"wrote {records} records, {answer_tokens} answer tokens to {args.out}")
 
 
-def _records(target, conversations: list[list[dict]], later: bool, max_prompt_tokens: int) -> Iterator[dict]:
+def _records(target, conversations: list[list[dict]], unseen: set[tuple[int, ...]], later: bool,
+             max_prompt_tokens: int) -> Iterator[dict]:
+    """Records of `conversations` whose opening prompt is not `unseen`, lazily (a --limit stops early)."""
     for turns in tqdm(conversations, desc="conversations", unit="conversation"):
+        if unseen and tuple(encode_prompt(target, turns[0]["value"]).tolist()) in unseen:
+            continue
         for messages, answer in _replies(turns, later):
             if len(answer) < 16:
                 continue
