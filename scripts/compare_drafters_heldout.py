@@ -17,8 +17,8 @@ import torch
 
 from caddtree.models.drafter import DraftHead
 from caddtree.models.drafter_io import load_drafter
-from caddtree.models.target import encode_prompt, load_target
-from caddtree.train.data import held_out_last, read_data_files, sharegpt_prompts
+from caddtree.models.target import load_target
+from caddtree.train.data import held_out_records, read_data_files
 from caddtree.train.evaluation import heldout_metrics
 from caddtree.train.features import target_features
 
@@ -29,8 +29,7 @@ FILES = ["../shared/data/smollm2-sharegpt-greedy.jsonl.gz", "data/smollm2-shareg
 def unique_heldout(target):
     """The held-out records (they come from the first file alone) whose prompt no record of the four shares."""
     files = read_data_files(FILES, target.model.get_output_embeddings().weight.shape[0])
-    eval_prompt_ids = {tuple(encode_prompt(target, prompt).tolist()) for prompt in sharegpt_prompts(6, 0)}
-    heldout = held_out_last(files[:1], 136, 0, eval_prompt_ids)[-136:]
+    heldout = held_out_records(target, files[0], 136, 6)
     count = collections.Counter(tuple(r.prompt_ids) for records in files for r in records)
     return [e for e in heldout if count[tuple(e.prompt_ids)] == 1]
 

@@ -496,6 +496,8 @@ def test_unseen_prompts_are_the_eval_prompts_and_the_held_out_records_prompts(mo
     held_out = data.held_out_last([first], 5, seed=3, excluded=eval_ids)[-5:]
     assert data.unseen_prompt_ids(None, first, 5, 2, seed=3) == eval_ids | {tuple(e.prompt_ids) for e in held_out}
     assert data.unseen_prompt_ids(None, first, 0, 1, seed=3) == {(ord("a"), ord("b"))}
+    assert data.held_out_records(None, first, 5, 2, seed=3) == held_out
+    assert data.held_out_records(None, first, 0, 2, seed=3) == []
 
 
 @pytest.mark.parametrize("line, words", [

@@ -156,9 +156,23 @@ def unseen_prompt_ids(target: Target, first_file: list[Example], heldout: int, e
     eval_prompts --seed seed`, given `first_file` as its first --data file, keeps unseen: its
     evaluation prompts and its held-out records' prompts. Scripts that make data from ShareGPT
     conversations leave out conversations opening with one of them."""
-    unseen = {tuple(encode_prompt(target, prompt).tolist()) for prompt in sharegpt_prompts(eval_prompts, seed)}
-    held_out = held_out_last([first_file], heldout, seed, unseen)[-heldout:] if heldout else []
-    return unseen | {tuple(record.prompt_ids) for record in held_out}
+    eval_ids = _sharegpt_prompt_ids(target, eval_prompts, seed)
+    return eval_ids | {tuple(record.prompt_ids) for record in _held_out_of_first(first_file, heldout, seed, eval_ids)}
+
+
+def held_out_records(target: Target, first_file: list[Example], heldout: int, eval_prompts: int,
+                     seed: int = 0) -> list[Example]:
+    """The records that the same `train-drafter` run holds out: they come from its first file alone."""
+    return _held_out_of_first(first_file, heldout, seed, _sharegpt_prompt_ids(target, eval_prompts, seed))
+
+
+def _held_out_of_first(first_file: list[Example], heldout: int, seed: int,
+                       eval_ids: set[tuple[int, ...]]) -> list[Example]:
+    return held_out_last([first_file], heldout, seed, eval_ids)[-heldout:] if heldout else []
+
+
+def _sharegpt_prompt_ids(target: Target, count: int, seed: int) -> set[tuple[int, ...]]:
+    return {tuple(encode_prompt(target, prompt).tolist()) for prompt in sharegpt_prompts(count, seed)}
 
 
 def without_prompts(records: list[Example], prompts: set[tuple[int, ...]]) -> list[Example]:
