@@ -21,15 +21,26 @@ def test_rows_times_weight_is_linear(shape, bias):
     torch.testing.assert_close(out, F.linear(rows, weight, offset), atol=1e-5, rtol=1e-5)
 
 
-def test_gemm_rows_pads_only_beyond_eight_rows_to_the_next_multiple_of_eight():
-    for count in range(1, 70):
-        padded = few_rows.gemm_rows(count)
-        if count == 1:
-            assert padded == 2
-        elif count <= 8:
-            assert padded == count
-        else:
-            assert padded % 8 == 0 and count <= padded < count + 8
+@pytest.mark.parametrize("onednn", [True, False])
+def test_every_kernel_path_is_linear(monkeypatch, onednn):
+    """1-4 rows take weight @ rows^T; 5 or more oneDNN where this build has it, else F.linear."""
+    monkeypatch.setattr(few_rows, "ONEDNN", few_rows.ONEDNN and onednn)
+    generator = torch.Generator().manual_seed(7)
+    weight, offset = torch.randn(37, 48, generator=generator), torch.randn(37, generator=generator)
+    for count in range(1, 3 * few_rows.ONEDNN_MIN_ROWS):
+        rows = torch.randn(count, 48, generator=generator)
+        torch.testing.assert_close(few_rows.rows_times_weight(rows, weight, offset), F.linear(rows, weight, offset),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_autocast_and_mixed_dtypes_compute_as_f_linear_does():
+    generator = torch.Generator().manual_seed(3)
+    rows, weight = torch.randn(9, 48, generator=generator), torch.randn(37, 48, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = few_rows.rows_times_weight(rows, weight)
+        assert out.dtype == F.linear(rows, weight).dtype == torch.bfloat16
+    with pytest.raises(RuntimeError):  # as F.linear: a float32 weight does not take bfloat16 rows
+        few_rows.rows_times_weight(rows.to(torch.bfloat16), weight)
 
 
 def test_installed_layers_change_only_inside_enabled():

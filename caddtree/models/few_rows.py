@@ -1,13 +1,15 @@
-"""Linear layers on few rows, on the CPU: the same product, dispatched to a kernel that is fast there.
+"""Linear layers on the CPU without gradients: the same product, dispatched to a kernel that is fast there.
 
 A decoding step applies every weight to a handful of rows (1 for plain decoding, n+1 to verify a
-tree of n nodes, b for a draft block). On the CPU, `F.linear` sends 1 row to a single-threaded
-matrix-vector kernel and 2-3 rows to a path slower still, so the step is bound by reading weights
-at ~10 GB/s. Written as weight @ rows^T, with at least two rows, the same product runs as a
-multi-threaded GEMM. Measured on the 2-core CPU, all of SmolLM2-135M's 210 body weights once
-(cold in cache), F.linear vs weight @ rows^T: 1 row 34.5 vs 15.5 ms, 2 rows 50.6 vs 21.9,
-3 rows 59.0 vs 21.4, 5 rows 52.5 vs 30.1, 17 rows 65.5 vs 56.5; its 49152 x 576 output head:
-1 row 9.8 vs 3.4 ms, 3 rows 32.5 vs 4.0.
+tree of n nodes, b for a draft block), a prefill to hundreds. On the CPU, `F.linear` sends 1 row to
+a single-threaded matrix-vector kernel, 2-3 rows to a path slower still, and more to MKL's GEMM,
+which on this machine's AMD EPYC runs at half oneDNN's speed. So: 1-4 rows as weight @ rows^T (a
+multi-threaded GEMM; one row is padded to two, since one would take the matrix-vector kernel), 5
+or more through oneDNN's linear. Measured on the 2-core CPU, all of SmolLM2-135M's 210 body weights
+once (cold in cache), F.linear / weight @ rows^T / oneDNN: 1 row 25.6 / 14.4 / 16.3 ms, 4 rows
+36.7 / 15.7 / 19.9, 5 rows 31.7 / 21.0 / 18.7, 9 rows 38.3 / 44.4 / 20.5, 17 rows 44.5 / 52.5 /
+25.3, 64 rows 107.5 / 107.2 / 60.3, 512 rows 579 / 572 / 265; its 49152 x 576 output head, 9 rows
+14.9 / 11.6 / 4.5, 512 rows 212 / 189 / 68.
 
 `install` reroutes a model's nn.Linear layers only inside `enabled()`, which the engine's runners
 enter for their own passes: the model keeps stock kernels everywhere else (transformers'
@@ -24,32 +26,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_ROWS = 32  # beyond this F.linear is as fast or faster (33 rows: 129 vs 143 ms a verification)
+ONEDNN_MIN_ROWS = 5  # below, weight @ rows^T is faster (see above)
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _enabled = contextvars.ContextVar("caddtree_few_rows", default=False)
 
 
 def rows_times_weight(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(rows, weight, bias) for rows (..., H), weight (V, H); as weight @ rows^T where that
-    is faster (few rows on the CPU, no gradient needed)."""
+    """F.linear(rows, weight, bias) for rows (..., H), weight (V, H), through the kernel that is
+    fastest for that many rows on the CPU when no gradient is needed."""
     count = rows.numel() // rows.shape[-1]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (rows, weight, bias))
-    if rows.device.type != "cpu" or count > MAX_ROWS or needs_grad:
+    if rows.device.type != "cpu" or needs_grad:
         return F.linear(rows, weight, bias)
     flat = rows.reshape(count, rows.shape[-1])
-    padded = gemm_rows(count)
-    if padded > count:
-        flat = torch.cat([flat, flat.new_zeros(padded - count, flat.shape[1])])
-    out = (weight @ flat.T)[:, :count].T.contiguous()  # (M, V)
-    if bias is not None:
-        out += bias
+    if count < ONEDNN_MIN_ROWS:
+        out = _weight_times_rows(flat, weight, bias)
+    elif _onednn_takes(rows, weight):
+        out = torch.ops.mkldnn._linear_pointwise(flat, weight.contiguous(), bias, "none", [], "")
+    else:
+        return F.linear(rows, weight, bias)
     return out.view(*rows.shape[:-1], weight.shape[0])
 
 
-def gemm_rows(count: int) -> int:
-    """Rows to hand the GEMM for `count` rows: one row would take the slow matrix-vector kernel,
-    so two; beyond 8, the next multiple of 8, where the CPU GEMM is fast (all body weights:
-    13, 14, 15 rows 92, 93, 112 ms, 16 rows 60 ms; padded to 16, 62 ms each)."""
-    return 2 if count == 1 else count if count <= 8 else -(-count // 8) * 8
+def _weight_times_rows(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(count, V) as weight @ rows^T: a GEMM, with one row padded to two (one would take the slow
+    matrix-vector kernel)."""
+    count = flat.shape[0]
+    if count == 1:
+        flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
+    out = (weight @ flat.T)[:, :count].T.contiguous()
+    if bias is not None:
+        out += bias
+    return out
+
+
+def _onednn_takes(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN's linear does not autocast, so it takes only what it would compute as F.linear does."""
+    return (ONEDNN and rows.dtype == weight.dtype and weight.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def install(model: nn.Module) -> None:
