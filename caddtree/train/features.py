@@ -3,8 +3,8 @@
 They are the expensive part of the data (a full target forward per token), so one pass computes
 them for all sequences and keeps them in bfloat16. On a CPU with bfloat16 arithmetic that pass
 runs about 3x faster with the target itself in bfloat16 (`dtype`; 1.6k vs 0.55k tokens/s with
-teachers on the 2-core CPU); decoding still feeds the
-drafter features of the target in its own precision.
+teachers on the 2-core CPU); decoding still feeds the drafter features of the target in its own
+precision.
 
 For distillation the same pass keeps the target's own top-k next-token distribution before every
 answer token (the "teacher"): a far richer signal per position than the one token it chose.
