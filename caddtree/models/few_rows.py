@@ -3,13 +3,13 @@
 A decoding step applies every weight to a handful of rows (1 for plain decoding, n+1 to verify a
 tree of n nodes, b for a draft block), a prefill to hundreds. On the CPU, `F.linear` sends 1 row to
 a single-threaded matrix-vector kernel, 2-3 rows to a path slower still, and more to MKL's GEMM,
-which on this machine's AMD EPYC runs at half oneDNN's speed. So: 1-4 rows as weight @ rows^T (a
-multi-threaded GEMM; one row is padded to two, since one would take the matrix-vector kernel), 5
-or more through oneDNN's linear. Measured on the 2-core CPU, all of SmolLM2-135M's 210 body weights
-once (cold in cache), F.linear / weight @ rows^T / oneDNN: 1 row 25.6 / 14.4 / 16.3 ms, 4 rows
-36.7 / 15.7 / 19.9, 5 rows 31.7 / 21.0 / 18.7, 9 rows 38.3 / 44.4 / 20.5, 17 rows 44.5 / 52.5 /
-25.3, 64 rows 107.5 / 107.2 / 60.3, 512 rows 579 / 572 / 265; its 49152 x 576 output head, 9 rows
-14.9 / 11.6 / 4.5, 512 rows 212 / 189 / 68.
+which on this machine's AMD EPYC runs at about half oneDNN's speed. So: 1-4 rows as weight @ rows^T
+(a multi-threaded GEMM; one row is padded to two, since one would take the matrix-vector kernel), 5
+or more through oneDNN's linear. Measured on the 2-core CPU (`scripts/time_linear_kernels.py`), all
+of SmolLM2-135M's 210 body weights once (cold in cache), F.linear / weight @ rows^T / oneDNN: 1 row
+(padded to two; an earlier timing) 25.6 / 14.4 / 16.3 ms, 4 rows 39.0 / 14.8 / 19.1, 5 rows 31.6 / 20.0 / 20.2, 8 rows 35.2 / 27.4 /
+21.2, 16 rows 43.1 / 36.3 / 25.2, 64 rows 87.6 / 80.9 / 47.9, 512 rows 518 / 550 / 244; its
+49152 x 576 output head, 8 rows 12.4 / 5.6 / 4.7, 512 rows 152 / 139 / 92.
 
 `install` reroutes a model's nn.Linear layers only inside `enabled()`, which the engine's runners
 enter for their own passes: the model keeps stock kernels everywhere else (transformers'
