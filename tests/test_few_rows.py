@@ -71,3 +71,33 @@ def test_gradients_and_deep_copies_keep_working():
     half = copy.deepcopy(model).to(torch.bfloat16)  # the copy's layers use the copy's weights
     with torch.no_grad(), few_rows.enabled():
         assert half(rows.detach().to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not few_rows.ONEDNN, reason="this PyTorch build has no oneDNN linear")
+def test_packed_weights_follow_their_weight():
+    """oneDNN's packed copy is made once, made again when the weight changes in place or is
+    replaced, and leaves with its weight."""
+    generator = torch.Generator().manual_seed(5)
+    weight, rows = torch.randn(37, 48, generator=generator), torch.randn(9, 48, generator=generator)
+    few_rows.rows_times_weight(rows, weight)
+    packed = few_rows._packed_weights[id(weight)][2]
+    few_rows.rows_times_weight(rows, weight)
+    assert few_rows._packed_weights[id(weight)][2] is packed
+    weight.mul_(-2)  # in place: a stale copy would give the old product
+    torch.testing.assert_close(few_rows.rows_times_weight(rows, weight), F.linear(rows, weight), atol=1e-5, rtol=1e-5)
+    layer = torch.nn.Linear(48, 37, bias=False)
+    few_rows.rows_times_weight(rows, layer.weight)
+    layer.weight.data = weight.clone()  # new storage behind the same parameter
+    torch.testing.assert_close(few_rows.rows_times_weight(rows, layer.weight), F.linear(rows, weight),
+                               atol=1e-5, rtol=1e-5)
+    key = id(weight)
+    del weight
+    assert key not in few_rows._packed_weights
+
+
+@pytest.mark.skipif(not few_rows.ONEDNN, reason="this PyTorch build has no oneDNN linear")
+def test_weights_made_in_inference_mode_are_packed():
+    with torch.inference_mode():
+        weight, rows = torch.randn(37, 48), torch.randn(6, 48)
+        torch.testing.assert_close(few_rows.rows_times_weight(rows, weight), F.linear(rows, weight),
+                                   atol=1e-5, rtol=1e-5)

@@ -17,9 +17,9 @@ from caddtree.cost.fit import CostCurve, fit_convex, fit_monotone
 from caddtree.errors import CaddtreeError
 
 FORMAT = "caddtree-cost-model"
-VERSION = 6  # 2: profiles include tree size 0, the plain decoding step; 3: few-row linear dispatch on the CPU;
+VERSION = 7  # 2: profiles include tree size 0, the plain decoding step; 3: few-row linear dispatch on the CPU;
 # 4: quick CPU profiles time every small tree size, round-robin; 5: few-row GEMMs padded to multiples of 8 rows;
-# 6: 5 or more rows through oneDNN's linear on the CPU
+# 6: 5 or more rows through oneDNN's linear on the CPU; 7: with weights packed once for oneDNN
 META_KEYS = ("target", "drafter", "device", "dtype")
 FIELDS = ("meta", "contexts", "draft_seconds", "verify_convex", "verify_monotone", "measurements")
 

@@ -5,11 +5,15 @@ tree of n nodes, b for a draft block), a prefill to hundreds. On the CPU, `F.lin
 a single-threaded matrix-vector kernel, 2-3 rows to a path slower still, and more to MKL's GEMM,
 which on this machine's AMD EPYC runs at about half oneDNN's speed. So: 1-4 rows as weight @ rows^T
 (a multi-threaded GEMM; one row is padded to two, since one would take the matrix-vector kernel), 5
-or more through oneDNN's linear. Measured on the 2-core CPU (`scripts/time_linear_kernels.py`), all
+or more through oneDNN's linear, with each weight packed once into oneDNN's own blocked layout
+(unpacked, oneDNN reorders the weight on every call: a third of its time at 5-16 rows). Measured on the 2-core CPU (`scripts/time_linear_kernels.py`), all
 of SmolLM2-135M's 210 body weights once (cold in cache), F.linear / weight @ rows^T / oneDNN: 1 row
 (padded to two; an earlier timing) 25.6 / 14.4 / 16.3 ms, 4 rows 39.0 / 14.8 / 19.1, 5 rows 31.6 / 20.0 / 20.2, 8 rows 35.2 / 27.4 /
 21.2, 16 rows 43.1 / 36.3 / 25.2, 64 rows 87.6 / 80.9 / 47.9, 512 rows 518 / 550 / 244; its
-49152 x 576 output head, 8 rows 12.4 / 5.6 / 4.7, 512 rows 152 / 139 / 92.
+49152 x 576 output head, 8 rows 12.4 / 5.6 / 4.7, 512 rows 152 / 139 / 92. With packed weights
+(`/tmp` timing, 10 repeats; unpacked / packed): body 5 rows 17.7 / 12.4 ms, 8 rows 20.1 / 14.1, 9
+rows 19.7 / 13.9; head 8 rows 3.9 / 2.7. The packed copies cost a second copy of every weight
+that meets 5+ rows.
 
 `install` reroutes a model's nn.Linear layers only inside `enabled()`, which the engine's runners
 enter for their own passes: the model keeps stock kernels everywhere else (transformers'
@@ -21,13 +25,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ONEDNN_MIN_ROWS = 5  # below, weight @ rows^T is faster (see above)
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+PACKED_FOR_ROWS = 64  # oneDNN's layout hint; 16-256 timed alike
+ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+          and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 _enabled = contextvars.ContextVar("caddtree_few_rows", default=False)
 
 
@@ -42,7 +49,7 @@ def rows_times_weight(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if count < ONEDNN_MIN_ROWS:
         out = _weight_times_rows(flat, weight, bias)
     elif _onednn_takes(rows, weight):
-        out = torch.ops.mkldnn._linear_pointwise(flat, weight.contiguous(), bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(flat, _packed(weight), bias, "none", [], "")
     else:
         return F.linear(rows, weight, bias)
     return out.view(*rows.shape[:-1], weight.shape[0])
@@ -58,6 +65,22 @@ def _weight_times_rows(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     if bias is not None:
         out += bias
     return out
+
+
+# id(weight) -> (weak reference to weight, (data pointer, version), packed copy); an entry leaves with its weight
+_packed_weights: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` in oneDNN's layout, packed again only when its storage or values change."""
+    # inference tensors keep no version counter (and are changed in place by nothing here)
+    key, stamp = id(weight), (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
+    entry = _packed_weights.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] == stamp:
+        return entry[2]
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACKED_FOR_ROWS)
+    _packed_weights[key] = (weakref.ref(weight, lambda _, key=key: _packed_weights.pop(key, None)), stamp, packed)
+    return packed
 
 
 def _onednn_takes(rows: torch.Tensor, weight: torch.Tensor) -> bool:
