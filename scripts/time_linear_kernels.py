@@ -1,5 +1,6 @@
 """Times the CPU kernels a linear layer can take, by row count: F.linear (MKL's GEMM), weight @ rows^T
-and oneDNN's linear, over all of SmolLM2-135M's body weights once (random values, its shapes) and its
+(one row unpadded here), oneDNN's linear, and oneDNN's linear with the weight packed beforehand into
+its own layout, over all of SmolLM2-135M's body weights once (random values, its shapes) and its
 output head. docs/results.md's kernel table came from this script, alone on the machine:
 
     python scripts/time_linear_kernels.py
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 576, 1536, 30, 49152
-ROWS = (2, 3, 4, 5, 6, 7, 8, 13, 16, 24, 32, 33, 64, 128, 512)
+ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 24, 32, 33, 64, 128, 512)
 
 
 def weight_times_rows(rows, weight):
@@ -38,12 +39,14 @@ def main():
               (INTERMEDIATE, HIDDEN), (INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)] * LAYERS
     body = [torch.randn(rows, cols) * 0.02 for rows, cols in shapes]
     head = [torch.randn(VOCAB, HIDDEN) * 0.02]
-    kernels = (F.linear, weight_times_rows, onednn)
-    print("rows | body ms: F.linear, weight @ rows^T, oneDNN | head ms: the same")
+    packed = [[torch.ops.mkldnn._reorder_linear_weight(weight, 64) for weight in weights] for weights in (body, head)]
+    columns = [(F.linear, body), (weight_times_rows, body), (onednn, body), (onednn, packed[0]),
+               (F.linear, head), (weight_times_rows, head), (onednn, head), (onednn, packed[1])]
+    print("rows | body ms: F.linear, weight @ rows^T, oneDNN, oneDNN packed | head ms: the same")
     with torch.no_grad():
         for rows in ROWS:
-            repeats = 3 if rows < 100 else 1
-            times = [milliseconds(k, weights, rows, repeats) for weights in (body, head) for k in kernels]
+            repeats = 10 if rows < 100 else 1
+            times = [milliseconds(kernel, weights, rows, repeats) for kernel, weights in columns]
             print(rows, " ".join(f"{t:7.1f}" for t in times), flush=True)
 
 

@@ -5,15 +5,14 @@ tree of n nodes, b for a draft block), a prefill to hundreds. On the CPU, `F.lin
 a single-threaded matrix-vector kernel, 2-3 rows to a path slower still, and more to MKL's GEMM,
 which on this machine's AMD EPYC runs at about half oneDNN's speed. So: 1-4 rows as weight @ rows^T
 (a multi-threaded GEMM; one row is padded to two, since one would take the matrix-vector kernel), 5
-or more through oneDNN's linear, with each weight packed once into oneDNN's own blocked layout
-(unpacked, oneDNN reorders the weight on every call: a third of its time at 5-16 rows). Measured on the 2-core CPU (`scripts/time_linear_kernels.py`), all
-of SmolLM2-135M's 210 body weights once (cold in cache), F.linear / weight @ rows^T / oneDNN: 1 row
-(padded to two; an earlier timing) 25.6 / 14.4 / 16.3 ms, 4 rows 39.0 / 14.8 / 19.1, 5 rows 31.6 / 20.0 / 20.2, 8 rows 35.2 / 27.4 /
-21.2, 16 rows 43.1 / 36.3 / 25.2, 64 rows 87.6 / 80.9 / 47.9, 512 rows 518 / 550 / 244; its
-49152 x 576 output head, 8 rows 12.4 / 5.6 / 4.7, 512 rows 152 / 139 / 92. With packed weights
-(`/tmp` timing, 10 repeats; unpacked / packed): body 5 rows 17.7 / 12.4 ms, 8 rows 20.1 / 14.1, 9
-rows 19.7 / 13.9; head 8 rows 3.9 / 2.7. The packed copies cost a second copy of every weight
-that meets 5+ rows.
+or more through oneDNN's linear, with each weight packed once into oneDNN's own layout (unpacked,
+oneDNN reorders it on every call). Measured on the 2-core CPU (`python
+scripts/time_linear_kernels.py`, alone), all of SmolLM2-135M's 210 body weights once, F.linear /
+weight @ rows^T / oneDNN / oneDNN packed: 2 rows 35.4 / 12.2 / 16.7 / 12.3 ms, 4 rows 34.6 / 12.1 /
+17.4 / 11.4, 5 rows 27.6 / 18.5 / 18.5 / 12.1, 8 rows 36.7 / 25.7 / 19.2 / 14.0, 16 rows 36.8 /
+33.4 / 23.5 / 17.5, 64 rows 83.6 / 82.0 / 46.4 / 40.0, 512 rows 509 / 513 / 238 / 230; its 49152 x
+576 output head, 8 rows 11.1 / 5.6 / 3.7 / 2.6. Packing keeps a second copy of every weight that
+meets 5+ rows (the target's, 0.5 GB in float32).
 
 `install` reroutes a model's nn.Linear layers only inside `enabled()`, which the engine's runners
 enter for their own passes: the model keeps stock kernels everywhere else (transformers'
