@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from caddtree.models import few_rows
+from caddtree.models import packed_linear
 from caddtree.models.drafter import DFlashDrafter, DraftHead
 from caddtree.models.drafter_io import resolve_mask_token
 from caddtree.models.kv_buffer import FixedSlots, KVBuffer
@@ -22,7 +22,7 @@ class DraftRunner:
 
     def __init__(self, drafter: DFlashDrafter, target: Target, static_shapes: bool = False, cuda_graphs: bool = False):
         self.drafter = drafter
-        few_rows.install(drafter)
+        packed_linear.install(drafter)
         self.embed = target.model.get_input_embeddings()
         self.head = DraftHead(drafter, target.model.get_output_embeddings())
         self.mask_token = resolve_mask_token(drafter.config, target)
@@ -61,7 +61,7 @@ class DraftRunner:
         self._pending.append((target_features, positions))
 
     @torch.inference_mode()
-    @few_rows.enabled()
+    @packed_linear.enabled()
     def flush(self) -> None:
         """Project the pending features into the context cache, all in one pass."""
         if not self._pending:
@@ -76,7 +76,7 @@ class DraftRunner:
             values.append(new_values)
 
     @torch.inference_mode()
-    @few_rows.enabled()
+    @packed_linear.enabled()
     def draft(self, root: torch.Tensor, root_position: int, depth: int) -> torch.Tensor:
         """Log-marginals (depth, K) of the `depth` tokens after `root` (a 0-d token id tensor), over the
         draft vocabulary (K = V without one): `self.head.target_tokens` maps indices to tokens."""

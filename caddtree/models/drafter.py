@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caddtree.models.kv_buffer import joined
-from caddtree.models import few_rows
+from caddtree.models import packed_linear
 
 
 @dataclass
@@ -187,7 +187,7 @@ class DraftHead:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (..., K) of hidden states (..., H)."""
-        return few_rows.linear(hidden, self.weight, self.bias)
+        return packed_linear.linear(hidden, self.weight, self.bias)
 
     def target_tokens(self, draft_tokens: torch.Tensor) -> torch.Tensor:
         return draft_tokens if self.vocab is None else self.vocab[draft_tokens]

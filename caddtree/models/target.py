@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from caddtree.cache import cache_root
 from caddtree.models.architectures import is_random_spec, random_model
-from caddtree.models import few_rows, tree_attention
+from caddtree.models import packed_linear, tree_attention
 from caddtree.models.kv_buffer import BufferedCacheLayer
 from caddtree.errors import CaddtreeError
 
@@ -229,7 +229,7 @@ class TargetRunner:
         self._hooks = [layers[j].register_forward_hook(self._capture(j)) for j in self.feature_layers]
         self._cache_kwarg = cache_argument_name(target.model)
         self._tree_only_mask = tree_attention.install(target.model)
-        few_rows.install(target.model)
+        packed_linear.install(target.model)
         self.cache = DynamicCache()
         self.cache.layers = [BufferedCacheLayer() for _ in range(target.num_layers)]
 
@@ -260,7 +260,7 @@ class TargetRunner:
 
     def _forward(self, token_ids, position_ids, attention_mask, logits_to_keep=0):
         self._captured.clear()
-        with few_rows.enabled():
+        with packed_linear.enabled():
             output = self.target.model(
                 input_ids=token_ids[None],
                 position_ids=position_ids[None],
