@@ -4,7 +4,7 @@
         docs/training/cpu3_history.json docs/training/cpu4_history.json@cpu2 docs/training/cpu5_history.json@cpu4 \
         docs/training/cpu6_history.json@cpu5 docs/training/cpu7_history.json@ \
         docs/training/cpu8_history.json docs/training/cpu9_history.json docs/training/cpu10_history.json \
-        --out docs/training/runs.png
+        docs/training/cpu11_history.json --out docs/training/runs.png
 
 Each history is a run's `history.json`, named by its file name less `_history.json`. A run's steps
 are counted after those of the run before it on the command line, or after those of the run named
@@ -42,7 +42,7 @@ def main() -> None:
         for axis, (name, label) in zip(axes, MEASURES):
             if name not in history:  # runs before chain τ was measured
                 continue
-            axis.plot(steps, history[name], "o-", label=run, color=f"C{index}")
+            axis.plot(steps, history[name], "-", marker="os"[index // 10 % 2], label=run, color=f"C{index % 10}")  # ten colours, then squares
             axis.set(xlabel="step, all runs", ylabel=label, xscale="log")
         last_step[run], previous = steps[-1], run
     for axis in axes:
