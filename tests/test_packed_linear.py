@@ -93,3 +93,13 @@ def test_weights_made_in_inference_mode_are_packed():
         weight, rows = torch.randn(37, 48), torch.randn(6, 48)
         torch.testing.assert_close(packed_linear.onednn_linear(rows, weight), F.linear(rows, weight),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_strided_rows_compute_as_f_linear_does():
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(37, 48, generator=generator)
+    for rows in (torch.randn(48, 9, generator=generator).T, torch.randn(9, 96, generator=generator)[:, ::2],
+                 torch.randn(3, 9, 48, generator=generator).transpose(0, 1)):
+        assert not rows.is_contiguous()
+        torch.testing.assert_close(packed_linear.onednn_linear(rows, weight), F.linear(rows, weight),
+                                   atol=1e-5, rtol=1e-5)
