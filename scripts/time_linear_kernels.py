@@ -10,6 +10,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from caddtree.models.packed_linear import PACKED_FOR_ROWS
+
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 576, 1536, 30, 49152
 ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 24, 32, 33, 64, 128, 512)
 
@@ -39,7 +41,7 @@ def main():
               (INTERMEDIATE, HIDDEN), (INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)] * LAYERS
     body = [torch.randn(rows, cols) * 0.02 for rows, cols in shapes]
     head = [torch.randn(VOCAB, HIDDEN) * 0.02]
-    packed = [[torch.ops.mkldnn._reorder_linear_weight(weight, 64) for weight in weights] for weights in (body, head)]
+    packed = [[torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_FOR_ROWS) for weight in weights] for weights in (body, head)]
     columns = [(F.linear, body), (weight_times_rows, body), (onednn, body), (onednn, packed[0]),
                (F.linear, head), (weight_times_rows, head), (onednn, head), (onednn, packed[1])]
     print("rows | body ms: F.linear, weight @ rows^T, oneDNN, oneDNN packed | head ms: the same")
