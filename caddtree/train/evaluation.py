@@ -5,7 +5,7 @@ Decoding τ on a few prompts is the real measure but noisy and slow. On held-out
 leading correct predictions, since decoding's context is that answer. Blocks at random anchors
 give the mean block τ; blocks at every answer position give each round's acceptance, and the
 walk through them visits the anchors decoding would. The two differ: decoding crosses easy
-stretches in few rounds and spends many on hard ones, so its τ is the lower (2.36 vs 2.74 for `cpu10`,
+stretches in few rounds and spends many on hard ones, so its τ is the lower (2.39 vs 2.79 for `cpu12`,
 TRAINING.md's drafter, on held-out ShareGPT answers).
 """
 
