@@ -4,7 +4,7 @@
         docs/training/cpu3_history.json docs/training/cpu4_history.json@cpu2 docs/training/cpu5_history.json@cpu4 \
         docs/training/cpu6_history.json@cpu5 docs/training/cpu7_history.json@ \
         docs/training/cpu8_history.json docs/training/cpu9_history.json docs/training/cpu10_history.json \
-        docs/training/cpu11_history.json --out docs/training/runs.png
+        docs/training/cpu11_history.json docs/training/cpu12_history.json@cpu10 --out docs/training/runs.png
 
 Each history is a run's `history.json`, named by its file name less `_history.json`. A run's steps
 are counted after those of the run before it on the command line, or after those of the run named
