@@ -547,12 +547,12 @@ def test_the_teacher_is_the_targets_own_distribution_before_each_answer_token(ti
     drafter = random_drafter(target, 1, 6, seed=2, draft_vocab=draft_vocab).float()
     features, teachers = target_features(target, drafter.config.target_layer_ids, chosen, batch_tokens=40,
                                          teacher_top_k=5)
-    with torch.no_grad():
-        expected = torch.log_softmax(target.model(chosen[0].token_ids[None]).logits[0].float(), -1)
-    prompt_len = len(chosen[0].prompt_ids)
-    top = torch.topk(expected[prompt_len - 1 : -1], 5, dim=-1)
-    assert torch.equal(teachers[0].token_ids.long(), top.indices)
-    torch.testing.assert_close(teachers[0].log_probs.float(), top.values, atol=2e-3, rtol=2e-3)
+    for example, teacher in zip(chosen, teachers):  # batched and padded above, one at a time here
+        with torch.no_grad():
+            expected = torch.log_softmax(target.model(example.token_ids[None]).logits[0].float(), -1)
+        top = torch.topk(expected[len(example.prompt_ids) - 1 : -1], 5, dim=-1)
+        assert torch.equal(teacher.token_ids.long(), top.indices)
+        torch.testing.assert_close(teacher.log_probs.float(), top.values, atol=2e-3, rtol=2e-3)
 
     generator = torch.Generator().manual_seed(3)
     anchors = [sample_anchors(len(e.prompt_ids), len(e.token_ids), 4, generator) for e in chosen]

@@ -287,20 +287,33 @@ class TargetRunner:
         return logits[-1], features
 
     @torch.inference_mode()
-    def features_of(self, sequences: list[torch.Tensor], with_logits: bool = False):
+    def features_of(self, sequences: list[torch.Tensor], logit_rows: list[range] | None = None):
         """Features (T_i, F) of whole token sequences, in one forward without the cache; with
-        `with_logits`, also the logits (T_i, V) at every position, as a second list.
+        `logit_rows`, also each sequence's logits (len(logit_rows[i]), V) at those positions, as a
+        second list.
 
         Right-padded: causal attention keeps every real token blind to the padding after it.
+        Only the asked rows go through the output head (a hook packs them before it, so the model's
+        own processing of its logits still applies): on a CPU the head over every position of
+        prompt-heavy data is a fifth of the pass.
         """
         batch = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True).to(self.target.device)
         self._captured.clear()
-        output = self.target.model(input_ids=batch, use_cache=False, logits_to_keep=0 if with_logits else 1)
+        if logit_rows is None:
+            self.target.model(input_ids=batch, use_cache=False, logits_to_keep=1)
+            return self._sequence_features(sequences)
+        flat_rows = torch.cat([torch.as_tensor(rows) + i * batch.shape[1] for i, rows in enumerate(logit_rows)])
+        pack = self.target.model.get_output_embeddings().register_forward_pre_hook(
+            lambda head, args: (args[0].flatten(0, 1)[flat_rows.to(args[0].device)][None], *args[1:]))
+        try:
+            logits = self.target.model(input_ids=batch, use_cache=False, logits_to_keep=0).logits[0]
+        finally:
+            pack.remove()
+        return self._sequence_features(sequences), list(logits.split([len(rows) for rows in logit_rows]))
+
+    def _sequence_features(self, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
         features = self._captured_features()
-        features = [features[i, : len(sequence)] for i, sequence in enumerate(sequences)]
-        if not with_logits:
-            return features
-        return features, [output.logits[i, : len(sequence)] for i, sequence in enumerate(sequences)]
+        return [features[i, : len(sequence)] for i, sequence in enumerate(sequences)]
 
     @torch.inference_mode()
     def verify(self, tree_token_ids: torch.Tensor, tree_depths: torch.Tensor, ancestor_mask: torch.Tensor):

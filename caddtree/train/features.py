@@ -84,15 +84,14 @@ def _batch_features(runner: TargetRunner, examples: list[Example], teacher_top_k
     sequences = [example.token_ids for example in examples]
     if not teacher_top_k:
         return [f.to(torch.bfloat16, copy=True) for f in runner.features_of(sequences)], [None] * len(examples)
-    batch_features, batch_logits = runner.features_of(sequences, with_logits=True)
-    return ([f.to(torch.bfloat16, copy=True) for f in batch_features],
-            [_teacher(logits, len(e.prompt_ids), teacher_top_k) for logits, e in zip(batch_logits, examples)])
+    answer_rows = [range(len(e.prompt_ids) - 1, len(e.token_ids) - 1) for e in examples]  # row t-1 predicts token t
+    batch_features, batch_logits = runner.features_of(sequences, logit_rows=answer_rows)
+    return [f.to(torch.bfloat16, copy=True) for f in batch_features], [_teacher(l, teacher_top_k) for l in batch_logits]
 
 
-def _teacher(logits: torch.Tensor, prompt_len: int, k: int) -> Teacher:
-    """From logits (T, V) of one sequence: the distribution before each answer token."""
-    before_answers = logits[prompt_len - 1 : -1].float()  # (R, V): position t-1 predicts token t
-    top = torch.topk(torch.log_softmax(before_answers, dim=-1), k, dim=-1)
+def _teacher(before_answers: torch.Tensor, k: int) -> Teacher:
+    """From the logits (R, V) before each answer token: their top-k log-probabilities."""
+    top = torch.topk(torch.log_softmax(before_answers.float(), dim=-1), k, dim=-1)
     return Teacher(top.indices.to(torch.int32), top.values.to(torch.float16))
 
 
