@@ -302,9 +302,10 @@ class TargetRunner:
         if logit_rows is None:
             self.target.model(input_ids=batch, use_cache=False, logits_to_keep=1)
             return self._sequence_features(sequences)
-        flat_rows = torch.cat([torch.as_tensor(rows) + i * batch.shape[1] for i, rows in enumerate(logit_rows)])
+        flat_rows = torch.cat([torch.as_tensor(rows, device=batch.device) + i * batch.shape[1]
+                               for i, rows in enumerate(logit_rows)])
         pack = self.target.model.get_output_embeddings().register_forward_pre_hook(
-            lambda head, args: (args[0].flatten(0, 1)[flat_rows.to(args[0].device)][None], *args[1:]))
+            lambda head, args: (args[0].flatten(0, 1)[flat_rows][None], *args[1:]))
         try:
             logits = self.target.model(input_ids=batch, use_cache=False, logits_to_keep=0).logits[0]
         finally:
