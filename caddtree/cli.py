@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="records kept out of training for held-out loss, accuracy and block tau (default 0)")
     train.add_argument("--max-new-tokens", type=_positive_int, default=256, help="answer length cap when generating data")
     train.add_argument("--generation-batch", type=_positive_int, default=16)
+    train.add_argument("--temperature", type=_float_in(0, float("inf")), default=0.0,
+                       help="sample the generated answers at this temperature, seeded with --seed "
+                            "(default 0: greedy, the target's own decoding)")
     train.add_argument("--data-only", action="store_true",
                        help="answer the prompts into OUT/data.jsonl (resuming it) and stop: no features, no training")
     train.add_argument("--init-from", metavar="DIR",
@@ -403,6 +406,8 @@ def run_train_drafter(args) -> None:
     _check_architecture_arguments(args)
     if args.data_only and args.data:
         raise CaddtreeError("--data-only generates data; it cannot be combined with --data")
+    if args.data and args.temperature:
+        raise CaddtreeError("--temperature sets how answers are generated; it cannot be combined with --data")
     device = parse_device(args.device)
     if args.data:  # fail on a bad file before the slow load
         for path in args.data:
@@ -487,7 +492,7 @@ def _training_examples(args, target, prompts: list[Prompt], eval_prompts: list[P
 
     if not args.data:
         generated = generate_examples(target, prompts, out / "data.jsonl", args.max_new_tokens,
-                                      args.generation_batch, eos_token_ids(target))
+                                      args.generation_batch, eos_token_ids(target), args.temperature, args.seed)
         return without_prompts(generated, _eval_prompt_ids(target, eval_prompts, [generated]))
     files = read_data_files(args.data, target.model.get_output_embeddings().weight.shape[0])
     eval_prompt_ids = _eval_prompt_ids(target, eval_prompts, files)

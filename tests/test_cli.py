@@ -594,3 +594,8 @@ def test_train_drafter_rejects_a_malformed_prompt_file(capsys, tmp_path, line, w
 def test_train_drafter_data_only_conflicts_with_data(capsys, tmp_path):
     assert_user_error(capsys, ["train-drafter", "--out", tmp_path, "--data-only", "--data", tmp_path / "x.jsonl"],
                       "--data-only generates data; it cannot be combined with --data", only_line=True)
+
+
+def test_train_drafter_temperature_conflicts_with_data(capsys, tmp_path):
+    assert_user_error(capsys, ["train-drafter", "--out", tmp_path, "--temperature", "0.7", "--data", tmp_path / "x.jsonl"],
+                      "--temperature sets how answers are generated; it cannot be combined with --data", only_line=True)

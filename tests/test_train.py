@@ -422,20 +422,42 @@ def one_at_a_time_greedy(target, prompt, max_new_tokens, eos_ids):
 @pytest.mark.parametrize("drop_share", [8, 0])  # 8: finished rows leave at once here; 0: they never do
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_the_batched_loop_equals_one_at_a_time_greedy(arch, drop_share, monkeypatch):
-    from caddtree.train import batched_greedy
-    from caddtree.train.batched_greedy import greedy_batch
+    from caddtree.train import batched_answers
+    from caddtree.train.batched_answers import answer_batch
 
-    monkeypatch.setattr(batched_greedy, "DROP_SHARE", drop_share)
+    monkeypatch.setattr(batched_answers, "DROP_SHARE", drop_share)
     target = tiny_target(arch, vocab_size=32, seed=11)
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(2, 28, (int(n),), generator=generator).tolist() for n in (3, 9, 5, 14, 1, 7)]
     free_runs = [one_at_a_time_greedy(target, p, 20, set()) for p in prompts]
     eos_ids = {free_runs[0][4], free_runs[2][11]}  # tokens the target really produces: rows end at different steps
-    answers = greedy_batch(target, prompts, 20, eos_ids)
+    answers = answer_batch(target, prompts, 20, eos_ids)
     expected = [one_at_a_time_greedy(target, p, 20, eos_ids) for p in prompts]
     assert answers == expected
     lengths = {len(a) for a in answers}
     assert len(lengths) > 1 and 20 in lengths, "rows should finish at different steps and some run to the cap"
+
+
+def test_sampled_answers_follow_the_targets_tempered_distribution():
+    from caddtree.train.batched_answers import answer_batch
+
+    target = tiny_target("llama", vocab_size=32, seed=11)
+    prompt, rows, temperature = [5, 9, 3], 6000, 0.7
+    answers = answer_batch(target, [prompt] * rows, 2, set(), temperature, torch.Generator().manual_seed(0))
+
+    def tempered(context):
+        with torch.no_grad():
+            return torch.softmax(target.model(torch.tensor([context])).logits[0, -1] / temperature, dim=-1)
+
+    def frequencies(tokens):
+        return torch.bincount(torch.tensor(tokens), minlength=32).double() / len(tokens)
+
+    first = [a[0] for a in answers]
+    assert (frequencies(first) - tempered(prompt)).abs().sum() < 0.06  # total variation x 2; ~0.03 expected
+    common = max(set(first), key=first.count)  # the second token, given the most frequent first one
+    after = [a[1] for a in answers if a[0] == common]
+    assert len(after) > 1000 and (frequencies(after) - tempered(prompt + [common])).abs().sum() < 0.12
+    assert len(set(first)) > 3, "the tiny target should spread its mass over several tokens"
 
 
 # --- records from files ------------------------------------------------------------------------------

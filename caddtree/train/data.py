@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from caddtree.errors import CaddtreeError
 from caddtree.models.target import Prompt, Target, encode_prompt
-from caddtree.train.batched_greedy import TokenRate, greedy_batch
+from caddtree.train.batched_answers import TokenRate, answer_batch
 
 
 @dataclass(frozen=True)
@@ -216,12 +216,13 @@ def _parse_record(line: str, vocab_size: int, where: str) -> Example:
 
 
 def generate_examples(target: Target, prompts: list[Prompt], cache_file: Path, max_new_tokens: int,
-                      batch_size: int, eos_ids: set[int]) -> list[Example]:
-    """The target's greedy answers to `prompts`, appended batch by batch to `cache_file`.
+                      batch_size: int, eos_ids: set[int], temperature: float = 0.0, seed: int = 0) -> list[Example]:
+    """The target's answers to `prompts`, appended batch by batch to `cache_file`: greedy, or
+    sampled at `temperature` > 0 (seeded with `seed`; a resumed run draws a fresh stream).
 
     Resumable: prompts already answered in the file are skipped, and a prompt given twice is
-    answered once (greedy answers the same). Prompts are answered shortest first, so that a batch
-    holds similar lengths and little padding.
+    answered once. Prompts are answered shortest first, so that a batch holds similar lengths and
+    little padding.
     """
     examples = read_examples(cache_file)
     done = {tuple(e.prompt_ids) for e in examples}
@@ -231,11 +232,12 @@ def generate_examples(target: Target, prompts: list[Prompt], cache_file: Path, m
     if todo:  # rewrite before appending: drops a line cut short by an interruption
         cache_file.write_text("".join(_record(e) for e in examples))
     rate = TokenRate()
+    generator = torch.Generator(target.device).manual_seed(seed)
     with cache_file.open("a") as sink, tqdm(total=len(encoded), initial=len(encoded) - len(todo),
                                             desc="generating data", unit="prompt") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            answers = greedy_batch(target, batch, max_new_tokens, eos_ids)
+            answers = answer_batch(target, batch, max_new_tokens, eos_ids, temperature, generator)
             for prompt_ids, response in zip(batch, answers):
                 example = Example(prompt_ids, response)
                 examples.append(example)
