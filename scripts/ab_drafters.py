@@ -38,7 +38,7 @@ def main() -> None:
                 if result.tokens != ar.tokens:
                     raise SystemExit(f"prompt {number}: {method} with {args.drafters[d]} differs from ar")
                 ratios[d, method].append(result.tokens_per_s / ar.tokens_per_s)
-                taus[d, method].append(result.decoded_tokens / len(result.rounds))
+                taus[d, method].append(result.tau)
         print(f"prompt {number + 1}/{len(prompts)} done", flush=True)
     for method in METHODS:
         for d in range(2):
