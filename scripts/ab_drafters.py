@@ -5,7 +5,8 @@
 The first HumanEval problems and MT-Bench first turns; per prompt, `ar` and every method of each
 drafter, the drafters taking turns going first. Both use one cost model (profiled with the first
 drafter: the same architecture drafts at the same cost), so only the drafts differ. Every output
-must equal `ar`'s.
+must equal `ar`'s. Drafters of different depths draft at different costs: each then gets its own
+cost model.
 """
 
 import argparse
@@ -26,7 +27,9 @@ def main() -> None:
     args = parser.parse_args()
     first = load(drafter=args.drafters[0])
     pairs = [first, Pair(first.target, args.drafters[1], load_drafter(args.drafters[1], first.target))]
-    cost_model = first.cost_model()
+    drafters = [pair.engine.drafts.drafter for pair in pairs]
+    same_depth = drafters[0].config.num_hidden_layers == drafters[1].config.num_hidden_layers
+    cost_models = [first.cost_model()] * 2 if same_depth else [pair.cost_model() for pair in pairs]
     prompts = [turns[0] for turns in humaneval_turns()[: args.prompts] + mtbench_turns()[: args.prompts]]
     ratios = {(d, m): [] for d in range(2) for m in METHODS}
     taus = {(d, m): [] for d in range(2) for m in METHODS}
@@ -34,7 +37,7 @@ def main() -> None:
         ar = first.generate(prompt, "ar", max_new_tokens=args.max_new_tokens)
         for d in (0, 1) if number % 2 == 0 else (1, 0):
             for method in METHODS:
-                result = pairs[d].generate(prompt, method, max_new_tokens=args.max_new_tokens, cost_model=cost_model)
+                result = pairs[d].generate(prompt, method, max_new_tokens=args.max_new_tokens, cost_model=cost_models[d])
                 if result.tokens != ar.tokens:
                     raise SystemExit(f"prompt {number}: {method} with {args.drafters[d]} differs from ar")
                 ratios[d, method].append(result.tokens_per_s / ar.tokens_per_s)

@@ -6,7 +6,9 @@ The held-out records are `train-drafter --heldout-records 136 --eval-prompts 6`'
 data files (the first file's last 136 after the shuffle), less those whose prompt another record
 shares (121): the set TRAINING.md compares drafters on. Features are computed afresh (bfloat16),
 once per set of target layers the drafters read; the drafters are evaluated one after the other
-in this process.
+in this process. `--seen N` measures instead the first N records of the first file that every run
+trained on: the gap between the two says how much a drafter fits its training data beyond what
+it generalises.
 """
 
 import argparse
@@ -18,7 +20,7 @@ import torch
 from caddtree.models.drafter import DraftHead
 from caddtree.models.drafter_io import load_drafter
 from caddtree.models.target import load_target
-from caddtree.train.data import held_out_records, read_data_files
+from caddtree.train.data import held_out_records, read_data_files, unseen_prompt_ids
 from caddtree.train.evaluation import heldout_metrics
 from caddtree.train.features import target_features
 
@@ -34,12 +36,20 @@ def unique_heldout(target):
     return [e for e in heldout if count[tuple(e.prompt_ids)] == 1]
 
 
+def seen_records(target, count):
+    """The first `count` records of the first file whose prompt no held-out or evaluation record has."""
+    first = read_data_files(FILES[:1], target.model.get_output_embeddings().weight.shape[0])[0]
+    unseen = unseen_prompt_ids(target, first, 136, 6)
+    return [record for record in first if tuple(record.prompt_ids) not in unseen][:count]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("drafters", nargs="+", help="drafter directories")
+    parser.add_argument("--seen", type=int, metavar="N", help="N records every run trained on instead")
     args = parser.parse_args()
     target = load_target(None, "cpu")
-    records = unique_heldout(target)
+    records = seen_records(target, args.seen) if args.seen else unique_heldout(target)
     features = {}  # per set of target layers the drafters read
     results = {}
     for spec in args.drafters:
