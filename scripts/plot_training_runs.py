@@ -4,7 +4,9 @@
         docs/training/cpu3_history.json docs/training/cpu4_history.json@cpu2 docs/training/cpu5_history.json@cpu4 \
         docs/training/cpu6_history.json@cpu5 docs/training/cpu7_history.json@ \
         docs/training/cpu8_history.json docs/training/cpu9_history.json docs/training/cpu10_history.json \
-        docs/training/cpu11_history.json docs/training/cpu12_history.json@cpu10 --out docs/training/runs.png
+        docs/training/cpu11_history.json docs/training/cpu12_history.json@cpu10 \
+        docs/training/cpu13_history.json@cpu12 docs/training/cpu15_history.json@cpu12 docs/training/cpu16_history.json \
+        docs/training/cpu17_history.json@cpu12 docs/training/cpu18_history.json@cpu12 --out docs/training/runs.png
 
 Each history is a run's `history.json`, named by its file name less `_history.json`. A run's steps
 are counted after those of the run before it on the command line, or after those of the run named
@@ -31,7 +33,7 @@ def main() -> None:
                         help="HISTORY.json, HISTORY.json@RUN if it continued RUN, HISTORY.json@ if it started from scratch")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    figure, axes = plt.subplots(1, len(MEASURES), figsize=(15, 4))
+    figure, axes = plt.subplots(1, len(MEASURES), figsize=(16, 4))
     last_step, previous = {}, None
     for index, argument in enumerate(args.histories):
         path, continued, parent = argument.partition("@")
@@ -49,9 +51,9 @@ def main() -> None:
         axis.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
         axis.xaxis.set_major_formatter(ticker.FuncFormatter(lambda step, _: f"{step / 1000:g}k"))
         axis.xaxis.set_minor_formatter(ticker.NullFormatter())
-        axis.legend()
         axis.grid(alpha=0.3, which="both")
-    figure.tight_layout()
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="center right")  # one legend: every run has block τ
+    figure.tight_layout(rect=(0, 0, 0.92, 1))
     figure.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
 
