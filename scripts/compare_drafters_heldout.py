@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("drafters", nargs="+", help="drafter directories")
     parser.add_argument("--seen", type=int, metavar="N", help="N records every run trained on instead")
     args = parser.parse_args()
+    if args.seen is not None and args.seen < 1:
+        parser.error("--seen takes a number of records, 1 or more")
     target = load_target(None, "cpu")
     records = seen_records(target, args.seen) if args.seen else unique_heldout(target)
     features = {}  # per set of target layers the drafters read
