@@ -3,10 +3,9 @@
     python scripts/ab_drafters.py caddtree/assets/drafter runs/cpu15 --prompts 5 --max-new-tokens 128
 
 The first HumanEval problems and MT-Bench first turns; per prompt, `ar` and every method of each
-drafter, the drafters taking turns going first. Both use one cost model (profiled with the first
-drafter: the same architecture drafts at the same cost), so only the drafts differ. Every output
-must equal `ar`'s. Drafters of different depths draft at different costs: each then gets its own
-cost model.
+drafter, the drafters taking turns going first. Drafters of one depth draft at the same cost, so
+they share one cost model (profiled with the first) and only their drafts differ; drafters of
+different depths each get their own. Every output must equal `ar`'s.
 """
 
 import argparse
