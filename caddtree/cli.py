@@ -423,7 +423,7 @@ def run_train_drafter(args) -> None:
     _say(f"loading target {target_label(args.target)} ...")
     target = load_target(args.target, device)  # float32 weights; bf16 autocast on request
     out = Path(args.out)
-    vocab_size = target.model.get_output_embeddings().weight.shape[0]
+    vocab_size = target.vocab_size
     if args.distill > vocab_size:
         raise CaddtreeError(f"--distill {args.distill} exceeds the target's vocabulary of {vocab_size} tokens")
     examples = _training_examples(args, target, train_prompts, eval_prompts, out)
@@ -494,7 +494,7 @@ def _training_examples(args, target, prompts: list[Prompt], eval_prompts: list[P
         generated = generate_examples(target, prompts, out / "data.jsonl", args.max_new_tokens,
                                       args.generation_batch, eos_token_ids(target), args.temperature, args.seed)
         return without_prompts(generated, _eval_prompt_ids(target, eval_prompts, [generated]))
-    files = read_data_files(args.data, target.model.get_output_embeddings().weight.shape[0])
+    files = read_data_files(args.data, target.vocab_size)
     eval_prompt_ids = _eval_prompt_ids(target, eval_prompts, files)
     first_file_records = len(without_prompts(files[0], eval_prompt_ids))
     if args.heldout_records and args.heldout_records >= first_file_records:

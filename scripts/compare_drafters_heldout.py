@@ -31,7 +31,7 @@ HELDOUT_RECORDS, EVAL_PROMPTS = 136, 6  # the train-drafter flags every run comp
 
 def unique_heldout(target):
     """The held-out records (they come from the first file alone) whose prompt no record of the four shares."""
-    files = read_data_files(FILES, target.model.get_output_embeddings().weight.shape[0])
+    files = read_data_files(FILES, target.vocab_size)
     heldout = held_out_records(target, files[0], HELDOUT_RECORDS, EVAL_PROMPTS)
     count = collections.Counter(tuple(r.prompt_ids) for records in files for r in records)
     return [e for e in heldout if count[tuple(e.prompt_ids)] == 1]
@@ -39,7 +39,7 @@ def unique_heldout(target):
 
 def seen_records(target, count):
     """The first `count` records of the first file whose prompt no held-out or evaluation record has."""
-    first = read_data_files(FILES[:1], target.model.get_output_embeddings().weight.shape[0])[0]
+    first = read_data_files(FILES[:1], target.vocab_size)[0]
     unseen = unseen_prompt_ids(target, first, HELDOUT_RECORDS, EVAL_PROMPTS)
     return [record for record in first if tuple(record.prompt_ids) not in unseen][:count]
 

@@ -32,7 +32,7 @@ def main() -> None:
     if args.turn < 2:
         parser.error("--turn must be 2 or more (first turns need no earlier answers)")
     target = load_target(None)
-    files = read_data_files(args.data, target.model.get_output_embeddings().weight.shape[0])
+    files = read_data_files(args.data, target.vocab_size)
     answers = {tuple(record.prompt_ids): record.response_ids for records in files for record in records}
     unseen = unseen_prompt_ids(target, files[0], args.heldout_records, args.eval_prompts, args.seed)
     lines = []

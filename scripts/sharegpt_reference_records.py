@@ -45,7 +45,7 @@ def main() -> None:
         parser.error("--turns later needs --data, the file whose held-out records' conversations it leaves out")
     target = load_target(None)
     conversations = sharegpt_prompted_conversations()[args.skip:]
-    unseen = unseen_prompt_ids(target, read_data_files([args.data], target.model.get_output_embeddings().weight.shape[0])[0],
+    unseen = unseen_prompt_ids(target, read_data_files([args.data], target.vocab_size)[0],
                                args.heldout_records, args.eval_prompts) if args.data else set()
     records = answer_tokens = 0
     with gzip.open(args.out, "wt") as out:

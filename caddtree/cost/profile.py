@@ -91,7 +91,7 @@ def profile(engine: Engine, drafter_name: str, sizes=FULL_SIZES, contexts=FULL_C
     if too_long:
         raise CaddtreeError(f"context lengths {too_long} do not fit the model's {engine.target.max_positions} positions")
     device = engine.target.device
-    vocab = engine.target.model.get_output_embeddings().weight.shape[0]
+    vocab = engine.target.vocab_size
     draft_len = engine.draft_len
     generator = torch.Generator().manual_seed(seed)
     trees = {n: _random_tree(draft_len, vocab, n, generator, device) for n in sizes}

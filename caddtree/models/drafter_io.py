@@ -183,7 +183,7 @@ def check_draft_vocab(drafter: DFlashDrafter, target: Target, source: str) -> No
     vocab = drafter.draft_vocab
     if vocab is None:
         return
-    rows = target.model.get_output_embeddings().weight.shape[0]
+    rows = target.vocab_size
     if not (vocab[1:] > vocab[:-1]).all() or vocab[0] < 0 or vocab[-1] >= rows:
         raise CaddtreeError(
             f"drafter {source}: draft_vocab must list distinct token ids in increasing order, in [0, {rows})"

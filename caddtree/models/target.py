@@ -84,6 +84,11 @@ class Target:
         return self.model.config.hidden_size
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the output head: the token ids the target can score."""
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
     def max_positions(self) -> int:
         return getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
 

@@ -81,7 +81,7 @@ def initial_drafter(target: Target, examples: list[Example], config: TrainConfig
             raise CaddtreeError(f"--layers {wanted} is fewer than the {layers} of --init-from "
                                 f"{config.init_from}: a drafter can grow, not shrink")
         return grown_drafter(drafter, wanted) if wanted > layers else drafter
-    vocab_size = target.model.get_output_embeddings().weight.shape[0]
+    vocab_size = target.vocab_size
     vocab = frequent_tokens(examples, config.draft_vocab_size, vocab_size) if config.draft_vocab_size else None
     return random_drafter(target, config.num_layers or 1, config.block_size, config.seed, config.mask_token_id,
                           config.feature_layers, vocab)
@@ -191,7 +191,7 @@ def _new_history(config: TrainConfig, drafter: DFlashDrafter, target: Target, ex
     history["training_records"] = len(examples)
     history["training_answer_tokens"] = sum(len(e.response_ids) for e in examples)
     if drafter.draft_vocab is not None and heldout:
-        vocab_size = target.model.get_output_embeddings().weight.shape[0]
+        vocab_size = target.vocab_size
         history["draft_vocab_heldout_coverage"] = coverage(drafter.draft_vocab.cpu(), heldout, vocab_size)
     return history
 
