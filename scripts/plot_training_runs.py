@@ -7,8 +7,7 @@
         docs/training/cpu11_history.json docs/training/cpu12_history.json@cpu10 \
         docs/training/cpu13_history.json@cpu12 docs/training/cpu15_history.json@cpu12 docs/training/cpu16_history.json \
         docs/training/cpu17_history.json@cpu12 docs/training/cpu18_history.json@cpu12 \
-        docs/training/cpu19_history.json@cpu12 \
-        docs/training/cpu20_history.json@cpu19 --out docs/training/runs.png
+        docs/training/cpu19_history.json@cpu12 docs/training/cpu20_history.json@cpu19 --out docs/training/runs.png
 
 Each history is a run's `history.json`, named by its file name less `_history.json`. A run's steps
 are counted after those of the run before it on the command line, or after those of the run named
