@@ -6,7 +6,9 @@
 Each line is {"messages": [user turn 1, the target's greedy answer to it, ..., user turn N]}: a
 conversation as the target itself would have had it, each earlier answer read from the --data
 records of the conversation so far (so turn N needs the records answering turns 1 to N-1), and
-the answers made from these prompts are what a user's N-th turn gets. Conversations whose first
+the answers made from these prompts are what a user's N-th turn gets. `--turn 1` writes the first
+turns alone (every ShareGPT first turn that `train-drafter`'s own list draws from, to sample them
+again with another `--seed`); its --data is just the first file. Conversations whose first
 turn is one of `train-drafter`'s held-out records or evaluation prompts (same --heldout-records,
 --eval-prompts and --seed; the first --data file must be the one that run reads first) are left
 out, so that later runs keep those unseen.
@@ -22,15 +24,15 @@ from caddtree.train.data import is_prompt_turn, read_data_files, sharegpt_conver
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--turn", type=int, default=2, help="which user turn to ask (2 or more; default 2)")
+    parser.add_argument("--turn", type=int, default=2, help="which user turn to ask (1 or more; default 2)")
     parser.add_argument("--data", nargs="+", required=True, help="record files answering the earlier turns")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--heldout-records", type=int, default=136)
     parser.add_argument("--eval-prompts", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.turn < 2:
-        parser.error("--turn must be 2 or more (first turns need no earlier answers)")
+    if args.turn < 1:
+        parser.error("--turn must be 1 or more")
     target = load_target(None)
     files = read_data_files(args.data, target.vocab_size)
     answers = {tuple(record.prompt_ids): record.response_ids for records in files for record in records}
