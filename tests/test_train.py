@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from caddtree.decode.engine import eos_token_ids
 from caddtree.models.drafter import DraftHead
 from caddtree.models.drafter_io import load_drafter, random_drafter
 from caddtree.models.target import TargetRunner
-from caddtree.train.data import Example, generate_examples, read_examples
+from caddtree.train.data import Example, generate_examples, read_data_files, read_examples
 from caddtree.train.features import feature_stream, target_features
 from caddtree.train.loop import TrainConfig, learning_rate_factor, train
 from caddtree.train.objective import IGNORE, draft_vocab_loss, pack_blocks, predict_blocks, sample_anchors
@@ -588,3 +589,14 @@ def test_the_teacher_is_the_targets_own_distribution_before_each_answer_token(ti
         # A one-token teacher is the hard label: the two losses agree.
         torch.testing.assert_close(distillation_loss(predictions, head, ids[:, :1], log_probs[:, :1]),
                                    draft_vocab_loss(predictions, head))
+
+
+def test_the_repositorys_data_files_read_as_records_within_their_size_limit():
+    """Every committed data file is well-formed for `train-drafter --data`, and all of them together stay
+    within the 20 MB the repository allows them (the issue's limit)."""
+    repo = Path(__file__).resolve().parents[1]
+    data_files = sorted((repo / "data").glob("*.jsonl.gz"))
+    vocab_size = json.loads((repo / "caddtree/assets/drafter/config.json").read_text())["vocab_size"]
+    files = read_data_files(data_files, vocab_size)
+    assert data_files and all(files)
+    assert sum(path.stat().st_size for path in data_files) <= 20_000_000
