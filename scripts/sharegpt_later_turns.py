@@ -25,7 +25,8 @@ from caddtree.train.data import is_prompt_turn, read_data_files, sharegpt_conver
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turn", type=int, default=2, help="which user turn to ask (1 or more; default 2)")
-    parser.add_argument("--data", nargs="+", required=True, help="record files answering the earlier turns; the first is also where the held-out records come from")
+    parser.add_argument("--data", nargs="+", required=True,
+                        help="record files answering the earlier turns; the held-out records come from the first")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--heldout-records", type=int, default=136)
     parser.add_argument("--eval-prompts", type=int, default=6)
