@@ -368,6 +368,27 @@ def test_a_bench_whose_greedy_outputs_differ_from_ar_fails_loudly(capsys, model_
     assert "NOT EXACT**" in stdout and "**NOT EXACT" in (out / RESULTS_MD).read_text()
 
 
+def test_a_bench_counts_partings_at_near_ties_apart(capsys, model_dirs, tmp_path, monkeypatch):
+    """The same broken walk, with a rounding tolerance so wide that every parting is a near-tie."""
+    from caddtree.decode import engine, parting
+
+    real_walk = engine.accepted_path
+    monkeypatch.setattr(engine, "accepted_path", lambda tree, choices, max_length: real_walk(
+        tree, torch.cat([tree.tokens[:1], choices[1:]]) if tree.size else choices, max_length))
+    monkeypatch.setitem(parting.ROUNDING, torch.float32, 1e9)
+    monkeypatch.setenv("CADDTREE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, model_args(model_dirs, out, "--methods", "ar,dflash", "--n", "1",
+                                                   "--no-hf-generate"))
+    assert code == 0, err
+    records = [r for r in read_records(out / RESULTS_JSON) if r.method == "dflash"]
+    assert any(r.parted_at_near_tie for r in records) and all(r.equal_to_ar or r.parted_at_near_tie for r in records)
+    for dataset in ("toy", "mt-bench"):
+        at_ties = sum(bool(r.parted_at_near_tie) for r in records if r.dataset == dataset)
+        assert not at_ties or f"(+{at_ties} near-ties)" in stdout
+    assert "NOT EXACT" not in stdout
+
+
 def test_torchrun_two_processes_gather_on_rank_zero(model_dirs, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():

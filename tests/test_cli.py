@@ -509,8 +509,24 @@ def test_compare_ar_reports_a_greedy_mismatch_as_an_error(capsys, models, monkey
                                                    "--max-new-tokens", "12"))
     assert code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("caddtree: error: greedy dflash differs from ar at new token") and "bug" in last
+    assert last.startswith("caddtree: error: greedy dflash parts from ar at new token") and "bug" in last
     assert "OUTPUTS DIFFER" in out and "as sampling may" not in out  # the printed comparison says so too
+
+
+def test_compare_ar_explains_a_parting_at_a_near_tie_without_failing(capsys, models, monkeypatch):
+    """Where the two tokens' logits lie within the dtype's rounding (made wide here), a parting is
+    reported as a near-tie, not as a bug."""
+    from caddtree.decode import engine, parting
+
+    real_walk = engine.accepted_path
+    monkeypatch.setattr(engine, "accepted_path", lambda tree, choices, max_length: real_walk(
+        tree, torch.cat([tree.tokens[:1], choices[1:]]) if tree.size else choices, max_length))
+    monkeypatch.setitem(parting.ROUNDING, torch.float32, 1e9)
+    code, out, err = run_cli(capsys, generate_args(models, "w3 w4 w5", "--method", "dflash", "--compare-ar",
+                                                   "--max-new-tokens", "12"))
+    assert code == 0, err
+    assert "(outputs part at a near-tie that rounding decides)" in out and "OUTPUTS DIFFER" not in out
+    assert "note: greedy dflash parts from ar at new token" in err and "not a bug" in err
 
 
 def test_compare_ar_on_an_exact_method_says_identical(capsys, models):

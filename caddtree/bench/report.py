@@ -89,6 +89,8 @@ def _exactness(stats: MethodStats) -> str:
     if stats.exact is None:
         return "–"
     counts = f"{stats.outputs_equal_to_ar}/{stats.outputs}"
+    if stats.outputs_at_near_ties:
+        counts += f" (+{stats.outputs_at_near_ties} near-ties)"
     return counts if stats.exact else f"**{counts} NOT EXACT**"
 
 
@@ -121,7 +123,8 @@ def write_markdown(path: Path, summaries: list[DatasetSummary], env: dict, plots
         "Speed-up is over `ar` of the same engine on the same prompts. τ: tokens per round, the "
         "target's own token included. Budget: tree nodes per round, mean ± std. The oracle is the "
         "ddtree budget with the best tokens/s per dataset, picked after the fact. = ar (greedy runs): how many "
-        "outputs equal ar's token for token; every method must reproduce all of them.",
+        "outputs equal ar's token for token; every method must reproduce all of them, or part from them only "
+        "at a near-tie (the two tokens' logits closer than the dtype's rounding, as in bfloat16; counted apart).",
         "",
         *[f"![{plot.stem}]({plot.name})" for plot in plots],
     ]

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from caddtree.bench.prompts import BenchPrompt
 from caddtree.cost.model import CostModel
 from caddtree.decode.engine import synchronize
+from caddtree.decode.parting import first_parting
 from caddtree.decode.policy import RULES, make_policy
 from caddtree.decode.sampling import Sampling
 from caddtree.models.target import encode_chat
@@ -78,6 +79,7 @@ class Record:
     budgets: list[int]
     emitted: list[int]
     equal_to_ar: bool | None = None  # greedy only: same tokens as ar's
+    parted_at_near_tie: bool | None = None  # greedy, not ar's tokens: only where rounding decides a near-tie
 
     @property
     def tokens_per_s(self) -> float:
@@ -152,7 +154,9 @@ class BenchRunner:
             bar.update()
         if self.sampling.greedy and "ar" in outputs:
             for record in records:
-                record.equal_to_ar = outputs[record.method] == outputs["ar"]
+                parting = first_parting(self.pair.target, record.method, prompt_ids, outputs[record.method], outputs["ar"])
+                record.equal_to_ar = parting is None
+                record.parted_at_near_tie = parting.near_tie if parting else None
         order = [spec.label for spec in self.specs]
         return sorted(records, key=lambda record: order.index(record.method)), outputs
 
