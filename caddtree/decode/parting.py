@@ -62,7 +62,7 @@ def first_parting(target: Target, method: str, prompt_ids: torch.Tensor, tokens:
         return parting
     logits = _next_token_logits(target, torch.cat([prompt_ids.cpu(), torch.tensor(reference[:shared], dtype=torch.long)]))
     margin = float((logits[reference[shared]] - logits[tokens[shared]]).abs())
-    tolerance = ROUNDING.get(target.dtype, ROUNDING[torch.bfloat16]) * float(logits.abs().max())
+    tolerance = ROUNDING.get(target.dtype, ROUNDING[torch.float32]) * float(logits.abs().max())
     return Parting(method, shared, target.dtype, tokens[shared], reference[shared], margin, tolerance)
 
 
