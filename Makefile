@@ -22,7 +22,7 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 run: install
-	$(VENV)/bin/caddtree generate "$(PROMPT)" --method caddtree --max-new-tokens 128 --compare-ar
+	$(VENV)/bin/caddtree generate "$(PROMPT)" --method caddtree --max-new-tokens 128 --compare-ar --repeats 3
 
 test: install
 	$(PY) -m pytest -q

@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     generate.add_argument("--compare-ar", action="store_true",
                           help="also decode with plain autoregressive decoding and report the speed-up")
+    generate.add_argument("--repeats", type=_positive_int, default=1,
+                          help="with --compare-ar: time this many interleaved (method, ar) pairs and report "
+                               "the median speed-up (default 1)")
     _add_model_arguments(generate)
 
     _add_bench_parser(commands)
@@ -296,17 +299,20 @@ def run_generate(args) -> None:
     check_policy_arguments(args.method, args.budget, args.rule, args.lookup)
     Sampling(args.temperature, args.top_p, args.top_k)
     _check_cost_model_file(args.cost_model, [args.method])
+    if args.repeats > 1 and not args.compare_ar:
+        raise CaddtreeError("--repeats times pairs of runs against ar: add --compare-ar")
     pair = _load(args)
     stream = None if args.json else lambda text: print(text, end="", flush=True)
     options = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, raw=args.raw,
     )
-    result = pair.generate(
-        prompt, method=args.method, budget=args.budget, rule=args.rule, cost_model=args.cost_model,
-        calibrate=not args.uncalibrated, lookup=args.lookup, on_text=stream, **options,
-    )
-    baseline = pair.generate(prompt, method="ar", **options) if args.compare_ar else None
+    method_options = dict(method=args.method, budget=args.budget, rule=args.rule, cost_model=args.cost_model,
+                          calibrate=not args.uncalibrated, lookup=args.lookup, **options)
+    result = pair.generate(prompt, on_text=stream, **method_options)
+    pairs = _timed_pairs(pair, prompt, result, method_options, options, args.repeats) if args.compare_ar else []
+    # The statistics shown are the median pair's; every pair decodes the same tokens.
+    shown, baseline = _median_pair(pairs) if pairs else (result, None)
     parting = None
     if baseline and args.temperature == 0:
         from caddtree.decode.parting import first_parting
@@ -314,22 +320,37 @@ def run_generate(args) -> None:
         prompt_ids = encode_prompt(pair.target, prompt, args.raw)
         parting = first_parting(pair.target, result.method, prompt_ids, result.tokens, baseline.tokens)
     if args.json:
-        summary = result.summary()
+        summary = shown.summary()
         if baseline:
-            summary.update(ar_tokens_per_s=baseline.tokens_per_s, speedup_over_ar=_speedup(result, baseline),
+            summary.update(ar_tokens_per_s=baseline.tokens_per_s, speedup_over_ar=_speedup(shown, baseline),
+                           speedups_over_ar=[_speedup(*timed) for timed in pairs],
                            identical_to_ar=baseline.tokens == result.tokens,
                            parted_at_near_tie=parting.near_tie if parting else None)
         print(json.dumps(summary))
     else:
         print("\n")
-        for run in (result, baseline) if baseline else (result,):
+        for run in (shown, baseline) if baseline else (shown,):
             print(_stats_line(run))
         if baseline:
-            print(f"speed-up of {result.method} over ar: {_speedup(result, baseline):.2f}x ({_comparison(result, baseline, parting)})")
+            print(f"speed-up of {result.method} over ar: {_speedup_words(pairs)} ({_comparison(result, baseline, parting)})")
     if parting and not parting.near_tie:
         raise CaddtreeError(parting.describe())
     if parting:
         print(f"note: {parting.describe()}", file=sys.stderr)
+
+
+def _timed_pairs(pair, prompt, result, method_options, options, repeats: int) -> list[tuple]:
+    """`repeats` (method run, ar run) pairs, interleaved so that the machine's drift shows in their
+    spread; the first pair's method run is `result`."""
+    pairs = [(result, pair.generate(prompt, method="ar", **options))]
+    for _ in range(repeats - 1):
+        pairs.append((pair.generate(prompt, **method_options), pair.generate(prompt, method="ar", **options)))
+    return pairs
+
+
+def _median_pair(pairs: list[tuple]) -> tuple:
+    """The pair with the median speed-up (of an even count, the lower middle one)."""
+    return sorted(pairs, key=lambda timed: _speedup(*timed))[(len(pairs) - 1) // 2]
 
 
 def _comparison(result, baseline, parting) -> str:
@@ -339,6 +360,14 @@ def _comparison(result, baseline, parting) -> str:
     if parting is None:
         return "outputs differ, as sampling may"
     return "outputs part at a near-tie that rounding decides" if parting.near_tie else "OUTPUTS DIFFER: greedy decoding must not"
+
+
+def _speedup_words(pairs: list[tuple]) -> str:
+    speedups = sorted(_speedup(*timed) for timed in pairs)
+    if len(pairs) == 1:
+        return f"{speedups[0]:.2f}x"
+    median = _speedup(*_median_pair(pairs))
+    return f"{median:.2f}x, the median of {len(pairs)} interleaved pairs ({speedups[0]:.2f}-{speedups[-1]:.2f}x)"
 
 
 def _speedup(result, baseline) -> float:

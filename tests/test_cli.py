@@ -536,6 +536,38 @@ def test_compare_ar_on_an_exact_method_says_identical(capsys, models):
     assert "speed-up of ddtree over ar" in out and "(identical output)" in out
 
 
+def test_compare_ar_with_repeats_reports_the_median_of_interleaved_pairs(capsys, models, monkeypatch):
+    """Every pair is a fresh decoding of each (the order method, ar, method, ar, ...); the speed-up
+    printed and returned is the median pair's, and the statistics lines are that pair's."""
+    import caddtree.api
+
+    methods, real_generate = [], caddtree.api.Pair.generate
+
+    def recording_generate(self, prompt, method="caddtree", **kwargs):
+        methods.append(method)
+        return real_generate(self, prompt, method=method, **kwargs)
+
+    monkeypatch.setattr(caddtree.api.Pair, "generate", recording_generate)
+    code, out, err = run_cli(capsys, generate_args(models, "w3 w4 w5", "--method", "dflash", "--compare-ar",
+                                                   "--repeats", "3", "--max-new-tokens", "8", "--json"))
+    assert code == 0, err
+    assert methods == ["dflash", "ar"] * 3
+    summary = json.loads(out)
+    speedups = summary["speedups_over_ar"]
+    assert len(speedups) == 3 and summary["speedup_over_ar"] == sorted(speedups)[1]
+    assert summary["tokens_per_s"] / summary["ar_tokens_per_s"] == pytest.approx(summary["speedup_over_ar"])
+
+    code, out, err = run_cli(capsys, generate_args(models, "w3 w4 w5", "--method", "dflash", "--compare-ar",
+                                                   "--repeats", "2", "--max-new-tokens", "8"))
+    assert code == 0, err
+    assert "the median of 2 interleaved pairs (" in out and "(identical output)" in out
+
+
+def test_repeats_without_compare_ar_is_a_user_error(capsys, models):
+    assert_user_error(capsys, generate_args(models, "w3", "--repeats", "3"), "--repeats", "--compare-ar",
+                      only_line=True)
+
+
 def _truncate(path, keep):
     path.write_bytes(path.read_bytes()[:keep])
 
