@@ -364,9 +364,9 @@ def _comparison(result, baseline, parting) -> str:
 
 def _speedup_words(pairs: list[tuple]) -> str:
     speedups = sorted(_speedup(*timed) for timed in pairs)
+    median = speedups[(len(speedups) - 1) // 2]  # the median pair's, as `_median_pair` picks it
     if len(pairs) == 1:
-        return f"{speedups[0]:.2f}x"
-    median = _speedup(*_median_pair(pairs))
+        return f"{median:.2f}x"
     return f"{median:.2f}x, the median of {len(pairs)} interleaved pairs ({speedups[0]:.2f}-{speedups[-1]:.2f}x)"
 
 

@@ -27,6 +27,7 @@ from caddtree.decode.sampling import Sampling
 from caddtree.errors import CaddtreeError
 from caddtree.models.drafter_io import random_drafter, save_drafter
 from tests.test_cli import assert_user_error, one_thread, run_cli  # noqa: F401 (one_thread: autouse fixture)
+from tests.broken_walk import take_the_first_child_always
 from tests.tiny import tiny_model, tiny_target, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -350,14 +351,7 @@ def test_bench_end_to_end(capsys, model_dirs, tmp_path, monkeypatch):
 
 
 def test_a_bench_whose_greedy_outputs_differ_from_ar_fails_loudly(capsys, model_dirs, tmp_path, monkeypatch):
-    from caddtree.decode import engine
-
-    real_walk = engine.accepted_path
-
-    def always_take_the_first_child(tree, choices, max_length):  # a deliberately broken acceptance walk
-        return real_walk(tree, torch.cat([tree.tokens[:1], choices[1:]]) if tree.size else choices, max_length)
-
-    monkeypatch.setattr(engine, "accepted_path", always_take_the_first_child)
+    take_the_first_child_always(monkeypatch)
     monkeypatch.setenv("CADDTREE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     code, stdout, err = run_cli(capsys, model_args(model_dirs, out, "--methods", "ar,dflash", "--n", "1",
@@ -370,11 +364,9 @@ def test_a_bench_whose_greedy_outputs_differ_from_ar_fails_loudly(capsys, model_
 
 def test_a_bench_counts_partings_at_near_ties_apart(capsys, model_dirs, tmp_path, monkeypatch):
     """The same broken walk, with a rounding tolerance so wide that every parting is a near-tie."""
-    from caddtree.decode import engine, parting
+    from caddtree.decode import parting
 
-    real_walk = engine.accepted_path
-    monkeypatch.setattr(engine, "accepted_path", lambda tree, choices, max_length: real_walk(
-        tree, torch.cat([tree.tokens[:1], choices[1:]]) if tree.size else choices, max_length))
+    take_the_first_child_always(monkeypatch)
     monkeypatch.setitem(parting.ROUNDING, torch.float32, 1e9)
     monkeypatch.setenv("CADDTREE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"

@@ -16,6 +16,7 @@ from caddtree.cost.model import CostModel
 from caddtree.cost.profile import device_label
 from caddtree.models.drafter import DFlashDrafter
 from caddtree.models.drafter_io import WEIGHTS_FILE, random_drafter, save_drafter
+from tests.broken_walk import take_the_first_child_always
 from tests.tiny import tiny_model, tiny_target, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -495,16 +496,7 @@ def test_train_drafter_refuses_a_feature_cache_that_is_a_file(capsys, tmp_path):
 
 def test_compare_ar_reports_a_greedy_mismatch_as_an_error(capsys, models, monkeypatch):
     """A broken acceptance walk (the first child is always taken) must not pass as a speed-up."""
-    from caddtree.decode import engine
-
-    real_walk = engine.accepted_path
-
-    def always_take_the_first_child(tree, choices, max_length):
-        if tree.size:
-            choices = torch.cat([tree.tokens[:1], choices[1:]])
-        return real_walk(tree, choices, max_length)
-
-    monkeypatch.setattr(engine, "accepted_path", always_take_the_first_child)
+    take_the_first_child_always(monkeypatch)
     code, out, err = run_cli(capsys, generate_args(models, "w3 w4 w5", "--method", "dflash", "--compare-ar",
                                                    "--max-new-tokens", "12"))
     assert code == 2 and "Traceback" not in err
@@ -516,11 +508,9 @@ def test_compare_ar_reports_a_greedy_mismatch_as_an_error(capsys, models, monkey
 def test_compare_ar_explains_a_parting_at_a_near_tie_without_failing(capsys, models, monkeypatch):
     """Where the two tokens' logits lie within the dtype's rounding (made wide here), a parting is
     reported as a near-tie, not as a bug."""
-    from caddtree.decode import engine, parting
+    from caddtree.decode import parting
 
-    real_walk = engine.accepted_path
-    monkeypatch.setattr(engine, "accepted_path", lambda tree, choices, max_length: real_walk(
-        tree, torch.cat([tree.tokens[:1], choices[1:]]) if tree.size else choices, max_length))
+    take_the_first_child_always(monkeypatch)
     monkeypatch.setitem(parting.ROUNDING, torch.float32, 1e9)
     code, out, err = run_cli(capsys, generate_args(models, "w3 w4 w5", "--method", "dflash", "--compare-ar",
                                                    "--max-new-tokens", "12"))

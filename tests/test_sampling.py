@@ -12,6 +12,7 @@ from caddtree.decode.policy import make_policy
 from caddtree.decode.sampling import Sampling
 from caddtree.errors import CaddtreeError
 from caddtree.models.drafter_io import random_drafter
+from broken_walk import take_the_first_child_always
 from test_lossless import flat_cost_model
 from tiny import tiny_target
 
@@ -156,10 +157,6 @@ def test_deep_trees_sample_the_target_distribution_over_several_levels(deep_engi
 
 def test_a_walk_biased_towards_the_draft_fails_the_deep_check(deep_engine, monkeypatch):
     """The check above has power: a walk that always takes the first child is caught."""
-    from caddtree.decode import engine as engine_module
-
-    real_walk = engine_module.accepted_path
-    monkeypatch.setattr(engine_module, "accepted_path", lambda tree, choices, length: real_walk(
-        tree, torch.cat([tree.tokens[:1], choices[1:]]) if tree.size else choices, length))
+    take_the_first_child_always(monkeypatch)
     p_value, _ = deep_p_value(deep_engine, make_policy("ddtree", 40), deep_sequence_probabilities(deep_engine.target))
     assert p_value < 1e-3

@@ -56,10 +56,10 @@ def first_parting(target: Target, method: str, prompt_ids: torch.Tensor, tokens:
     """None when `tokens` equal `reference` (ar's); else where they part and by how much."""
     if tokens == reference:
         return None
-    shared = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
-    parting = Parting(method, shared, target.dtype)
-    if shared == min(len(tokens), len(reference)):
-        return parting
+    common = min(len(tokens), len(reference))
+    shared = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), common)
+    if shared == common:
+        return Parting(method, shared, target.dtype)
     logits = _next_token_logits(target, torch.cat([prompt_ids.cpu(), torch.tensor(reference[:shared], dtype=torch.long)]))
     margin = float((logits[reference[shared]] - logits[tokens[shared]]).abs())
     tolerance = ROUNDING.get(target.dtype, ROUNDING[torch.float32]) * float(logits.abs().max())
