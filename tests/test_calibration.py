@@ -7,20 +7,47 @@ from caddtree.decode.engine import Engine
 from caddtree.decode.policy import make_policy
 from caddtree.models.drafter_io import random_drafter
 from caddtree.cost.model import CostModel
-from caddtree.tree.calibration import AcceptanceCalibration
+from caddtree.tree.calibration import NUM_BUCKETS, AcceptanceCalibration, bucket_sums, rank_buckets
 from test_lossless import flat_cost_model
 from tiny import tiny_target
 
 
-def test_ratio_is_a_decaying_accepted_over_promised_with_a_prior():
+def test_rank_buckets_are_the_bit_lengths_of_the_ranks():
+    ranks = torch.arange(70000)
+    assert rank_buckets(ranks).tolist() == [min(r.bit_length(), NUM_BUCKETS - 1) for r in range(70000)]
+    values = torch.rand(70000, dtype=torch.float64)
+    sums = [0.0] * NUM_BUCKETS
+    for rank, value in enumerate(values.tolist()):
+        sums[min(rank.bit_length(), NUM_BUCKETS - 1)] += value
+    assert bucket_sums(ranks, values).tolist() == pytest.approx(sums)
+
+
+def test_each_ratio_decays_shrinks_towards_the_bucket_before_and_never_exceeds_it():
     calibration = AcceptanceCalibration(decay=0.5, prior_rounds=1.0)
-    assert calibration.ratio == 1.0
-    calibration.observe(promised=4.0, accepted=0)
-    assert calibration.ratio == pytest.approx((0 + 1) / (4 + 1))
-    calibration.observe(promised=2.0, accepted=3)
-    assert calibration.ratio == pytest.approx((0.5 * 0 + 3 + 1) / (0.5 * 4 + 2 + 1))
+    assert calibration.ratios() == [1.0] * NUM_BUCKETS
+    promised = [0.9, 0.5, 0.6, 0.4] + [0.0] * (NUM_BUCKETS - 4)
+    calibration.observe(promised, [0, 1])  # ranks 1 and 2 (1-based) accepted
+    calibration.observe(promised, [0, 2, 5])
+    accepted = [0.5 * 1 + 1, 0.5 * 1 + 0, 0.5 * 0 + 1, 0.5 * 0 + 1]
+    expected, previous = [], 1.0
+    for bucket in range(NUM_BUCKETS):
+        seen, promise = (accepted[bucket], 1.5 * promised[bucket]) if bucket < 4 else (0.0, 0.0)
+        ratio = (seen + previous) / (promise + 1.0)
+        previous = ratio if bucket == 0 else min(ratio, previous)
+        expected.append(previous)
+    assert calibration.ratios() == pytest.approx(expected)
+    assert expected[0] > 1 and expected[1] < expected[0]  # the first may exceed 1; the rest are capped
+    scales = calibration.scales(torch.tensor([0, 1, 2, 3, 4, 7, 8, 100]))
+    assert scales.tolist() == pytest.approx([expected[b] for b in (0, 1, 2, 2, 3, 3, 4, 7)])
     calibration.reset()
-    assert calibration.ratio == 1.0
+    assert calibration.ratios() == [1.0] * NUM_BUCKETS
+
+
+def test_buckets_the_tree_did_not_reach_keep_what_they_knew():
+    calibration = AcceptanceCalibration(decay=0.5, prior_rounds=1.0)
+    calibration.observe([1.0, 1.0] + [0.0] * (NUM_BUCKETS - 2), [0])
+    calibration.observe([1.0] + [0.0] * (NUM_BUCKETS - 1), [0])
+    assert calibration.promised[:2] == [1.5, 1.0] and calibration.accepted[:2] == [1.5, 0.0]
 
 
 def test_an_overconfident_drafter_gets_smaller_trees_when_calibrated():

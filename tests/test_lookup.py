@@ -235,20 +235,20 @@ def test_merge_is_the_union_with_the_larger_weight_prefix_closed_and_without_twi
         assert index < 0 or drafter_paths[index] == path
 
 
-def test_the_drafter_is_credited_only_with_the_accepted_nodes_it_proposed():
-    from caddtree.decode.acceptance import accepted_path
-    from caddtree.decode.engine import Engine
+def test_the_host_reads_the_path_and_the_drafter_ranks_of_its_accepted_nodes():
+    from caddtree.decode.acceptance import accepted_path, read_path
     from caddtree.tree.build import tree_from_ranked
 
-    # root -> 5 (drafter) -> 6 (lookup only); root -> 8 (drafter). The target chooses 5, 6, then 9.
+    # root -> 5 (drafter rank 0) -> 6 (lookup only); root -> 8 (drafter rank 1). The target
+    # chooses 5, 6, then 9.
     nodes = RankedNodes(torch.tensor([5, 8, 6]), torch.tensor([-1, -1, 0]), torch.tensor([1, 1, 2]),
                         torch.tensor([-0.1, -0.5, -0.7]), 2)
     choices = torch.tensor([5, 6, 0, 9])  # per tree position: root, 5, 8, 6
-    for from_drafter, credited in ((torch.tensor([True, True, False]), 1), (None, 2)):
-        tree = tree_from_ranked(nodes, 3, from_drafter)
-        accepted = accepted_path(tree, choices, 3)
-        assert int(accepted.length) == 3
-        assert int(Engine._drafter_nodes(tree, accepted)) == credited
+    for drafter_ranks, credited in ((torch.tensor([0, 1, -1]), [0]), (torch.tensor([1, 0, 2]), [1, 2]), (None, [])):
+        tree = tree_from_ranked(nodes, 3, drafter_ranks)
+        tree_tokens, _ = tree.with_root(torch.tensor(4))
+        emitted, accepted_ranks = read_path(tree, tree_tokens, accepted_path(tree, choices, 3))
+        assert emitted == [5, 6, 9] and accepted_ranks == credited
 
 
 def test_merging_with_an_empty_list_keeps_the_other():

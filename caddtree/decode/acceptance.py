@@ -34,3 +34,17 @@ def accepted_path(tree: DraftTree, choices: torch.Tensor, max_length: int) -> Ac
     # Path positions first, in increasing order (= increasing depth: parents precede children).
     positions = torch.sort((~on_path).to(torch.uint8), stable=True).indices[: min(max_length, len(on_path))]
     return AcceptedPath(positions, on_path.sum(), choices[deepest])
+
+
+def read_path(tree: DraftTree, tree_tokens: torch.Tensor, accepted: AcceptedPath) -> tuple[list[int], list[int]]:
+    """The round's one read by the host: the tokens it emits (the path below the root, then the
+    target's next choice) and the drafter ranks of the accepted nodes the drafter proposed (empty
+    where the tree does not track them)."""
+    nodes = accepted.positions[1:]  # the root (always first) is no node
+    parts = [accepted.length[None], tree_tokens[nodes], accepted.next_token[None]]
+    if tree.drafter_ranks is not None:
+        parts.append(tree.drafter_ranks[nodes - 1])
+    length, *values = torch.cat(parts).tolist()
+    count = nodes.shape[0]
+    path_tokens, next_token, ranks = values[: length - 1], values[count], values[count + 1:]
+    return path_tokens + [next_token], [rank for rank in ranks[: length - 1] if rank >= 0]

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from caddtree.decode.acceptance import accepted_path
+from caddtree.decode.acceptance import accepted_path, read_path
 from caddtree.decode.drafting import DraftRunner
 from caddtree.decode.lookup import LookupProposer
 from caddtree.decode.proposals import Proposals
@@ -123,17 +123,12 @@ class Engine:
         logits, features = self.verifier.verify(tree_tokens, tree_depths, tree.ancestor_mask)
         choices = sampling.choose(logits, generator)
         accepted = accepted_path(tree, choices, (proposals.depth if proposals else 0) + 1)
-        # The round's one read of results by the host: the path length, how many of its nodes the
-        # drafter proposed, and the tokens it emits.
-        length, drafter_nodes, _, *tokens = torch.cat([
-            accepted.length[None], self._drafter_nodes(tree, accepted)[None],
-            tree_tokens[accepted.positions], accepted.next_token[None]]).tolist()
-        emitted = tokens[: length - 1] + tokens[-1:]
-        path = accepted.positions[:length]
+        emitted, accepted_ranks = read_path(tree, tree_tokens, accepted)
+        path = accepted.positions[: len(emitted)]
         self.verifier.keep(path)
-        policy.observe(drafter_nodes)
+        policy.observe(accepted_ranks)
         if policy.uses_drafter:  # indexing copies: `features` may be a buffer the next verify reuses
-            self.drafts.extend(features[path], context_len + torch.arange(length, device=path.device))
+            self.drafts.extend(features[path], context_len + torch.arange(len(emitted), device=path.device))
         if policy.uses_lookup:
             self.lookup.observe(emitted)
         return emitted, tree.size, bool(proposals and proposals.drafted), accepted.next_token
@@ -148,15 +143,6 @@ class Engine:
         if log_probs is None and lookup is None:
             return None
         return Proposals(log_probs, self.drafts.head.target_tokens if drafted else None, lookup)
-
-    @staticmethod
-    def _drafter_nodes(tree: DraftTree, accepted) -> torch.Tensor:
-        """0-d: accepted nodes that the drafter proposed (every node, unless lookups joined in)."""
-        on_path = torch.arange(accepted.positions.shape[0], device=accepted.positions.device) < accepted.length
-        if tree.from_drafter is None:
-            return on_path[1:].sum()
-        from_drafter = torch.cat([tree.from_drafter.new_zeros(1), tree.from_drafter])  # the root is no node
-        return (from_drafter[accepted.positions] & on_path).sum()
 
     def _emit(self, result, tokens, max_new_tokens, on_tokens) -> tuple[int, bool]:
         """Append tokens up to EOS or the length limit; how many were kept, and whether that ends it."""

@@ -7,7 +7,6 @@ which policy runs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -17,7 +16,7 @@ from caddtree.decode.proposals import Proposals
 from caddtree.errors import CaddtreeError
 from caddtree.tree.budget import exact_budget, greedy_budget, throughput
 from caddtree.tree.build import RankedNodes, tree_from_ranked
-from caddtree.tree.calibration import AcceptanceCalibration
+from caddtree.tree.calibration import AcceptanceCalibration, bucket_sums
 from caddtree.tree.draft_tree import DraftTree
 from caddtree.tree.merge import live_count, merge_ranked
 
@@ -35,8 +34,9 @@ class Policy:
     def reset(self) -> None:
         """Called before each generation."""
 
-    def observe(self, drafter_nodes: int) -> None:
-        """Called after each round with how many of the accepted nodes the drafter proposed."""
+    def observe(self, accepted_ranks: list[int]) -> None:
+        """Called after each round with the drafter ranks of the accepted nodes it proposed (see
+        DraftTree.drafter_ranks; empty where the tree does not track them)."""
 
     def should_draft(self) -> bool:
         """Asked before each round of a drafting policy: is the drafter worth running?"""
@@ -119,7 +119,7 @@ class CostAware(Policy):
     Its nodes are the drafter's (`uses_drafter`), continuations found in the context
     (`uses_lookup`), or both merged into one best-first list; the `lookup` method is this policy
     without a drafter, whose rounds then cost no draft pass. With `calibrate`, the drafter's node
-    weights are scaled by the acceptance measured in the previous rounds (see
+    weights are scaled by the acceptance measured at their ranks in the previous rounds (see
     caddtree.tree.calibration; lookups keep their own statistics) and the drafter is skipped while
     it does not pay (DraftSkipping); without it, the paper's rule as stated.
     """
@@ -131,7 +131,7 @@ class CostAware(Policy):
     uses_drafter: bool = True
     uses_lookup: bool = True
     calibration: AcceptanceCalibration = field(default_factory=AcceptanceCalibration)
-    _promised: float | None = field(default=None, init=False, repr=False)  # the drafter's Φ in this round's tree
+    _promised: list[float] | None = field(default=None, init=False, repr=False)  # the drafter's Φ in this round's tree, per rank bucket
     _skip: DraftSkipping = field(default_factory=DraftSkipping, init=False, repr=False)
 
     @property
@@ -156,42 +156,51 @@ class CostAware(Policy):
 
     def build(self, proposals, context_len):
         lookup = proposals.lookup if self.uses_lookup else None
-        ranked, drafter_gains, drafter_index = self._ranked(proposals.drafter_ranked if proposals.drafted else None, lookup)
+        ranked, drafter_gains, drafter_ranks = self._ranked(proposals.drafter_ranked if proposals.drafted else None, lookup)
         gains = ranked.log_weights.double().exp()
         round_costs = self.cost_model.round_costs(ranked.size, context_len, self.convex, gains.device, proposals.drafted)
         tokens_per_second = throughput(gains, round_costs)
         budget = torch.minimum(self._choose(tokens_per_second), live_count(ranked))
-        promised = torch.cat([gains.new_zeros(1), drafter_gains.cumsum(0)])[budget]  # unscaled, as the surrogate said
-        reads = [budget.to(gains.dtype), promised, tokens_per_second[budget]]
+        reads = [budget.to(gains.dtype)[None], tokens_per_second[budget][None]]
         if proposals.drafted:
-            reads.append(self._rate_without_drafter(lookup, context_len))
-        # One host read: the budget, the drafter's promised Φ, and the rates with and without it.
-        budget, promised, rate, *rate_without_drafter = torch.stack(reads).tolist()
+            reads += [self._rate_without_drafter(lookup, context_len)[None],
+                      self._promise(budget, drafter_ranks, drafter_gains)]
+        # One host read: the budget, the rates with and without the drafter, and its promise.
+        budget, rate, *drafter_reads = torch.cat(reads).tolist()
         if proposals.drafted:
-            self._promised = promised
-            self._skip.record(drafting_paid=rate >= rate_without_drafter[0])
-        from_drafter = None if drafter_index is None else drafter_index >= 0
-        return tree_from_ranked(ranked, int(budget), from_drafter)
+            rate_without_drafter, *self._promised = drafter_reads
+            self._skip.record(drafting_paid=rate >= rate_without_drafter)
+        return tree_from_ranked(ranked, int(budget), drafter_ranks)
+
+    @staticmethod
+    def _promise(budget: torch.Tensor, drafter_ranks: torch.Tensor, drafter_gains: torch.Tensor) -> torch.Tensor:
+        """(NUM_BUCKETS,) the drafter's Φ among the first `budget` nodes per rank bucket, unscaled,
+        as the surrogate said."""
+        in_tree = (torch.arange(drafter_ranks.shape[0], device=budget.device) < budget) & (drafter_ranks >= 0)
+        return bucket_sums(drafter_ranks.clamp(min=0), torch.where(in_tree, drafter_gains, 0.0))
 
     def _choose(self, tokens_per_second: torch.Tensor) -> torch.Tensor:
         return greedy_budget(tokens_per_second) if self.convex else exact_budget(tokens_per_second)
 
-    def _ranked(self, drafter_ranked, lookup: RankedNodes | None) -> tuple[RankedNodes, torch.Tensor, torch.Tensor | None]:
+    def _ranked(self, drafter_ranked, lookup: RankedNodes | None) -> tuple[RankedNodes, torch.Tensor, torch.Tensor]:
         """This round's best-first nodes; the drafter's own, unscaled weight of each (0 where it
-        did not propose it); and each node's index among the drafter's (-1: lookup only; None
-        when no lookup was merged in). `drafter_ranked(n)` gives the drafter's n best, if it ran."""
+        did not propose it); and each node's rank in the drafter's list (-1: lookup only).
+        `drafter_ranked(n)` gives the drafter's n best, if it ran."""
         if drafter_ranked is None:
             ranked = lookup.first(self.max_nodes)
-            return ranked, ranked.log_weights.new_zeros(ranked.size, dtype=torch.float64), None
+            no_gains = ranked.log_weights.new_zeros(ranked.size, dtype=torch.float64)
+            return ranked, no_gains, torch.full_like(ranked.tokens, -1)
         drafted = drafter_ranked(self.max_nodes)
         drafter_gains = drafted.log_weights.double().exp()
+        ranks = torch.arange(drafted.size, device=drafted.tokens.device)
         if self.calibrate:
-            drafted = replace(drafted, log_weights=drafted.log_weights + math.log(self.calibration.ratio))
+            scales = self.calibration.scales(ranks).log().to(drafted.log_weights.dtype)
+            drafted = replace(drafted, log_weights=drafted.log_weights + scales)
         if lookup is None:
-            return drafted, drafter_gains, None
-        merged, drafter_index = merge_ranked(drafted, lookup, self.max_nodes)
-        drafter_gains = torch.where(drafter_index >= 0, drafter_gains[drafter_index.clamp(min=0)], 0.0)
-        return merged, drafter_gains, drafter_index
+            return drafted, drafter_gains, ranks
+        merged, drafter_ranks = merge_ranked(drafted, lookup, self.max_nodes)
+        drafter_gains = torch.where(drafter_ranks >= 0, drafter_gains[drafter_ranks.clamp(min=0)], 0.0)
+        return merged, drafter_gains, drafter_ranks
 
     def _rate_without_drafter(self, lookup: RankedNodes | None, context_len: int) -> torch.Tensor:
         """0-d: the expected tokens per second of this round's pick, had the drafter not run."""
@@ -202,9 +211,9 @@ class CostAware(Policy):
         rates = throughput(lookup.log_weights.double().exp(), costs)
         return rates[self._choose(rates)]
 
-    def observe(self, drafter_nodes: int) -> None:
+    def observe(self, accepted_ranks: list[int]) -> None:
         if self._promised is not None:  # rounds without a draft teach the calibration nothing
-            self.calibration.observe(self._promised, drafter_nodes)
+            self.calibration.observe(self._promised, accepted_ranks)
         self._promised = None
 
 

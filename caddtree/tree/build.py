@@ -133,9 +133,9 @@ def _merge_depths(rankings: list[_DepthRanking], max_nodes: int) -> RankedNodes:
     )
 
 
-def tree_from_ranked(ranked: RankedNodes, n: int, from_drafter: torch.Tensor | None = None) -> DraftTree:
-    """The draft tree of the first n ranked nodes, reordered depth-major; `from_drafter` (N,) marks
-    the nodes the drafter proposed, when another proposer added some."""
+def tree_from_ranked(ranked: RankedNodes, n: int, drafter_ranks: torch.Tensor | None = None) -> DraftTree:
+    """The draft tree of the first n ranked nodes, reordered depth-major; `drafter_ranks` (N,), if
+    given, is each ranked node's rank in the drafter's own list (see DraftTree)."""
     if n > ranked.size:
         raise ValueError(f"asked for {n} nodes but only {ranked.size} are ranked")
     # Stable, so nodes of one depth stay best-first.
@@ -147,7 +147,7 @@ def tree_from_ranked(ranked: RankedNodes, n: int, from_drafter: torch.Tensor | N
     depths = ranked.depths[ranked_index]
     return DraftTree(
         ranked.tokens[ranked_index], parents, depths, ancestor_mask_from_parents(parents, ranked.num_depths),
-        None if from_drafter is None else from_drafter[ranked_index],
+        None if drafter_ranks is None else drafter_ranks[ranked_index],
     )
 
 

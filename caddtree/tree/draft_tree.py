@@ -17,7 +17,9 @@ class DraftTree:
     parents: torch.Tensor  # (n,) long, tree position of each node's parent (0 = root)
     depths: torch.Tensor  # (n,) long, >= 1 (the root has depth 0)
     ancestor_mask: torch.Tensor  # (n+1, n+1) bool, [i, j] = position j is i or an ancestor of i
-    from_drafter: torch.Tensor | None = None  # (n,) bool: the drafter proposed the node (None: all did)
+    # (n,) long: each node's rank in the drafter's best-first list, -1 where only another proposer
+    # offered it (None: not tracked; no policy that builds such a tree learns from the ranks)
+    drafter_ranks: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
