@@ -27,7 +27,7 @@ pooled = {"on": False}
 def ratios(self):
     if not pooled["on"]:
         return per_rank_ratios(self)
-    ratio = (sum(self.accepted) + self.prior_rounds) / (sum(self.promised) + self.prior_rounds)
+    ratio = (sum(self.accepted) + self.prior_promise) / (sum(self.promised) + self.prior_promise)
     return [ratio] * calibration.NUM_BUCKETS
 
 

@@ -23,7 +23,7 @@ def test_rank_buckets_are_the_bit_lengths_of_the_ranks():
 
 
 def test_each_ratio_decays_shrinks_towards_the_bucket_before_and_never_exceeds_it():
-    calibration = AcceptanceCalibration(decay=0.5, prior_rounds=1.0)
+    calibration = AcceptanceCalibration(decay=0.5, prior_promise=1.0)
     assert calibration.ratios() == [1.0] * NUM_BUCKETS
     promised = [0.9, 0.5, 0.6, 0.4] + [0.0] * (NUM_BUCKETS - 4)
     calibration.observe(promised, [0, 1])  # ranks 1 and 2 (1-based) accepted
@@ -44,7 +44,7 @@ def test_each_ratio_decays_shrinks_towards_the_bucket_before_and_never_exceeds_i
 
 
 def test_buckets_the_tree_did_not_reach_keep_what_they_knew():
-    calibration = AcceptanceCalibration(decay=0.5, prior_rounds=1.0)
+    calibration = AcceptanceCalibration(decay=0.5, prior_promise=1.0)
     calibration.observe([1.0, 1.0] + [0.0] * (NUM_BUCKETS - 2), [0])
     calibration.observe([1.0] + [0.0] * (NUM_BUCKETS - 1), [0])
     assert calibration.promised[:2] == [1.5, 1.0] and calibration.accepted[:2] == [1.5, 0.0]

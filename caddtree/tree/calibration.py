@@ -38,7 +38,7 @@ def bucket_sums(ranks: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 @dataclass
 class AcceptanceCalibration:
     decay: float = 0.9  # weight of the past per round: about the last ten rounds count
-    prior_rounds: float = 1.0  # pseudo-promise at the previous bucket's ratio, so early rounds trust it
+    prior_promise: float = 1.0  # pseudo-promise at the previous bucket's ratio, so early rounds trust it
     accepted: list[float] = field(default_factory=lambda: [0.0] * NUM_BUCKETS)
     promised: list[float] = field(default_factory=lambda: [0.0] * NUM_BUCKETS)
 
@@ -50,7 +50,7 @@ class AcceptanceCalibration:
         """Accepted nodes per node the surrogate promised, per bucket (1 = calibrated), non-increasing."""
         ratios, previous = [], 1.0
         for accepted, promised in zip(self.accepted, self.promised):
-            ratio = (accepted + self.prior_rounds * previous) / (promised + self.prior_rounds)
+            ratio = (accepted + self.prior_promise * previous) / (promised + self.prior_promise)
             previous = ratio if not ratios else min(ratio, previous)  # the first bucket may exceed 1
             ratios.append(previous)
         return ratios
