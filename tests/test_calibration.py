@@ -70,17 +70,21 @@ def test_an_overconfident_drafter_gets_smaller_trees_when_calibrated():
 def test_skipping_waits_longer_while_drafting_does_not_pay_and_starts_over_when_it_does():
     from caddtree.decode.policy import DraftSkipping
 
-    skipping = DraftSkipping(max_skip=4)
-    pattern = []
-    for paid in [False, False, False, False, True, False]:
-        assert skipping.should_draft()
-        skipping.record(drafting_paid=paid)
-        skipped = 0
-        while not skipping.should_draft():
-            skipped += 1
-        pattern.append(skipped)
-        skipping.left = 0
-    assert pattern == [1, 2, 4, 4, 0, 1]
+    def skipped_after_each(skipping, paid_rounds):
+        pattern = []
+        for paid in paid_rounds:
+            assert skipping.should_draft()
+            skipping.record(drafting_paid=paid)
+            skipped = 0
+            while not skipping.should_draft():
+                skipped += 1
+            pattern.append(skipped)
+        return pattern
+
+    paid_rounds = [False, False, False, False, True, False, False, True, False, False, False]
+    assert skipped_after_each(DraftSkipping(max_skip=4, patience=1), paid_rounds) == [1, 2, 4, 4, 0, 1, 2, 0, 1, 2, 4]
+    # The default waits for three drafted rounds in a row that did not pay.
+    assert skipped_after_each(DraftSkipping(max_skip=4), paid_rounds) == [0, 0, 1, 2, 0, 0, 0, 0, 0, 0, 1]
 
 
 def test_caddtree_stops_drafting_when_no_tree_pays_for_the_draft():

@@ -89,15 +89,19 @@ class FixedBudget(Policy):
 class DraftSkipping:
     """Rounds without the drafter while it does not pay for itself (beyond the CaDDTree paper).
 
-    Even the best tree costs the draft pass; when the best tree's expected tokens per second is
-    below a plain decoding step's, the next rounds skip the drafter and decode one token each.
-    The drafter is tried again after 1, 2, 4, ... skipped rounds (at most `max_skip`), and the
-    wait starts over as soon as drafting pays.
+    Even the best tree costs the draft pass; when the best tree's expected tokens per second has
+    been below a plain decoding step's for `patience` drafted rounds in a row, the next rounds
+    skip the drafter and decode one token each. The drafter is tried again after 1, 2, 4, ...
+    skipped rounds (at most `max_skip`), and the wait starts over as soon as drafting pays. One
+    uncertain round says little about the next: skipping after every such round cost the trained
+    default drafter 1-2% of its speed-up (docs/results.md), waiting for three in a row nothing.
     """
 
     max_skip: int = 32
+    patience: int = 3
     wait: int = 1
     left: int = 0
+    misses: int = 0  # drafted rounds in a row that did not pay
 
     def should_draft(self) -> bool:
         if self.left:
@@ -106,9 +110,10 @@ class DraftSkipping:
         return True
 
     def record(self, drafting_paid: bool) -> None:
+        self.misses = 0 if drafting_paid else self.misses + 1
         if drafting_paid:
             self.wait = 1
-        else:
+        elif self.misses >= self.patience:
             self.left, self.wait = self.wait, min(2 * self.wait, self.max_skip)
 
 
