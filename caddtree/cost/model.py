@@ -17,10 +17,10 @@ from caddtree.cost.fit import CostCurve, fit_convex, fit_monotone
 from caddtree.errors import CaddtreeError
 
 FORMAT = "caddtree-cost-model"
-VERSION = 8  # 2: profiles include tree size 0, the plain decoding step; 3: few-row linear dispatch on the CPU;
+VERSION = 9  # 2: profiles include tree size 0, the plain decoding step; 3: few-row linear dispatch on the CPU;
 # 4: quick CPU profiles time every small tree size, round-robin; 5: few-row GEMMs padded to multiples of 8 rows;
 # 6: 5 or more rows through oneDNN's linear on the CPU; 7: from 5 rows with weights packed once;
-# 8: every row count through oneDNN with packed weights
+# 8: every row count through oneDNN with packed weights; 9: the lower quartile of the repeats, not their median
 META_KEYS = ("target", "drafter", "device", "dtype")
 FIELDS = ("meta", "contexts", "draft_seconds", "verify_convex", "verify_monotone", "measurements")
 
@@ -32,7 +32,7 @@ class CostModel:
     draft_seconds: list[float]  # drafter round cost at each context length
     verify_convex: list[CostCurve]  # per context length, for the greedy budget rule
     verify_monotone: list[CostCurve]  # per context length, for the exact budget rule
-    measurements: dict  # raw medians kept for plots: sizes, verify_seconds, draft_seconds
+    measurements: dict  # raw timings (one per size) kept for plots: sizes, verify_seconds, draft_seconds
     # (context, tree size) round-cost tables per (max_nodes, convex), so a round is one blend.
     _cost_tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -48,7 +48,7 @@ class CostModel:
 
     @classmethod
     def fit(cls, meta, contexts, sizes, verify_seconds, draft_seconds) -> "CostModel":
-        """Fit both curve kinds per context; verify_seconds is (len(contexts), len(sizes)) medians."""
+        """Fit both curve kinds per context; verify_seconds is (len(contexts), len(sizes)) seconds."""
         verify_seconds = np.asarray(verify_seconds, dtype=np.float64)
         if verify_seconds.shape != (len(contexts), len(sizes)):
             expected = (len(contexts), len(sizes))

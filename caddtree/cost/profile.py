@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 import time
 
 import torch
@@ -53,10 +52,14 @@ def cost_meta(engine: Engine, drafter_name: str) -> dict:
 
 
 def _timed(runs: list, repeats: int, device: torch.device) -> list[float]:
-    """Median wall seconds of each of `runs` over `repeats` calls, after one warm-up call each.
+    """The lower quartile of the wall seconds of each of `runs` over `repeats` calls, after one
+    warm-up call each.
 
     The calls go round-robin over `runs`, so a burst of noise on the machine spreads over all
-    shapes instead of shifting one shape's every sample (which made the cost curve jagged).
+    shapes instead of shifting one shape's every sample (which made the cost curve jagged). Noise
+    on a shared machine only ever adds time, so a low quantile is the steadier estimate of what a
+    shape costs: four quick profiles in a row put the 8-node step 6.0-10.2 ms above the plain
+    step with medians of 5 repeats, 8.2-8.5 ms with their lower quartile (docs/results.md).
     """
     for run in runs:
         run()
@@ -67,7 +70,7 @@ def _timed(runs: list, repeats: int, device: torch.device) -> list[float]:
             run()
             synchronize(device)
             samples.append(time.perf_counter() - start)
-    return [statistics.median(samples) for samples in times]
+    return [sorted(samples)[len(samples) // 4] for samples in times]
 
 
 def _random_tree(draft_len: int, vocab: int, nodes: int, generator: torch.Generator, device):
