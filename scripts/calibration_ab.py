@@ -4,8 +4,9 @@ Every variant decodes each prompt in turn, in one process (the first N MT-Bench 
 the first N HumanEval problems, 128 new tokens); outputs must equal `ar`'s. Prints, per set, the
 geometric mean of the wall-clock speed-up over `ar`, of the speed-up the cached cost model
 predicts for the rounds each variant took (free of timing noise), mean τ and mean budget. The
-scalar calibration (one ratio for all ranks, the default before 2026-12-07) is the per-rank one
-with every bucket given the pooled ratio.
+scalar calibration (one ratio for all ranks, the default before 2026-12-07) is emulated by the
+per-rank one with every bucket given the pooled ratio: close to the old rule, not identical, since
+buckets a round does not reach keep their weight undecayed.
 
     python scripts/calibration_ab.py 15
 """

@@ -25,6 +25,7 @@ def test_rank_buckets_are_the_bit_lengths_of_the_ranks():
 def test_each_ratio_decays_shrinks_towards_the_bucket_before_and_never_exceeds_it():
     calibration = AcceptanceCalibration(decay=0.5, prior_promise=1.0)
     assert calibration.ratios() == [1.0] * NUM_BUCKETS
+    assert calibration.scales(torch.arange(3)).tolist() == [1.0] * 3  # the device table exists from here
     promised = [0.9, 0.5, 0.6, 0.4] + [0.0] * (NUM_BUCKETS - 4)
     calibration.observe(promised, [0, 1])  # ranks 1 and 2 (1-based) accepted
     calibration.observe(promised, [0, 2, 5])
@@ -41,6 +42,11 @@ def test_each_ratio_decays_shrinks_towards_the_bucket_before_and_never_exceeds_i
     assert scales.tolist() == pytest.approx([expected[b] for b in (0, 1, 2, 2, 3, 3, 4, 7)])
     calibration.reset()
     assert calibration.ratios() == [1.0] * NUM_BUCKETS
+
+
+def test_a_prior_promise_of_zero_is_refused():
+    with pytest.raises(ValueError, match="prior_promise must be > 0"):
+        AcceptanceCalibration(prior_promise=0.0)
 
 
 def test_buckets_the_tree_did_not_reach_keep_what_they_knew():

@@ -94,7 +94,7 @@ class DraftSkipping:
     skip the drafter and decode one token each. The drafter is tried again after 1, 2, 4, ...
     skipped rounds (at most `max_skip`), and the wait starts over as soon as drafting pays. One
     uncertain round says little about the next: skipping after every such round cost the trained
-    default drafter 1-2% of its speed-up (docs/results.md), waiting for three in a row nothing.
+    default drafter 3-4% of its speed-up on the benchmark's prompts (docs/results.md).
     """
 
     max_skip: int = 32
@@ -168,7 +168,7 @@ class CostAware(Policy):
         budget = torch.minimum(self._choose(tokens_per_second), live_count(ranked))
         reads = [budget.to(gains.dtype)[None], tokens_per_second[budget][None]]
         if proposals.drafted:
-            reads += [self._rate_without_drafter(lookup, context_len)[None],
+            reads += [self._rate_without_drafter(lookup, context_len, gains.device)[None],
                       self._promise(budget, drafter_ranks, drafter_gains)]
         # One host read: the budget, the rates with and without the drafter, and its promise.
         budget, rate, *drafter_reads = torch.cat(reads).tolist()
@@ -207,12 +207,13 @@ class CostAware(Policy):
         drafter_gains = torch.where(drafter_ranks >= 0, drafter_gains[drafter_ranks.clamp(min=0)], 0.0)
         return merged, drafter_gains, drafter_ranks
 
-    def _rate_without_drafter(self, lookup: RankedNodes | None, context_len: int) -> torch.Tensor:
-        """0-d: the expected tokens per second of this round's pick, had the drafter not run."""
-        if lookup is None:
-            return torch.tensor(1 / self.cost_model.plain_step_seconds(context_len, self.convex), dtype=torch.float64)
+    def _rate_without_drafter(self, lookup: RankedNodes | None, context_len: int, device: torch.device) -> torch.Tensor:
+        """0-d, on `device`: the expected tokens per second of this round's pick, had the drafter not run."""
+        if lookup is None:  # a fill, not a copy from the host, which would wait for the device
+            plain_rate = 1 / self.cost_model.plain_step_seconds(context_len, self.convex)
+            return torch.full((), plain_rate, dtype=torch.float64, device=device)
         lookup = lookup.first(self.max_nodes)
-        costs = self.cost_model.round_costs(lookup.size, context_len, self.convex, lookup.tokens.device, drafted=False)
+        costs = self.cost_model.round_costs(lookup.size, context_len, self.convex, device, drafted=False)
         rates = throughput(lookup.log_weights.double().exp(), costs)
         return rates[self._choose(rates)]
 

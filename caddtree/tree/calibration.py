@@ -10,8 +10,9 @@ token came before (the default pair, accepted ÷ promised: rank 1 0.99, ranks 5�
 So we keep one decaying ratio of accepted nodes to promised Φ per bucket of the drafter's ranks
 (1, 2, 3–4, 5–8, ...) and scale each node's gain by its bucket's ratio. A bucket's ratio is
 shrunk towards the bucket before it (the first: towards 1) and capped by it: the scales never
-grow with rank, so the scaled list stays best-first and only the number of nodes worth verifying
-changes.
+grow with rank, so the drafter's scaled list stays best-first and only the number of nodes worth
+verifying changes (and, with lookups merged in, where the drafter's nodes fall among them; the
+output never changes).
 """
 
 from __future__ import annotations
@@ -41,10 +42,16 @@ class AcceptanceCalibration:
     prior_promise: float = 1.0  # pseudo-promise at the previous bucket's ratio, so early rounds trust it
     accepted: list[float] = field(default_factory=lambda: [0.0] * NUM_BUCKETS)
     promised: list[float] = field(default_factory=lambda: [0.0] * NUM_BUCKETS)
+    _table: torch.Tensor | None = field(default=None, init=False, repr=False)  # ratios() on the device in use
+
+    def __post_init__(self):
+        if self.prior_promise <= 0:
+            raise ValueError(f"prior_promise must be > 0, got {self.prior_promise}")
 
     def reset(self) -> None:
         self.accepted = [0.0] * NUM_BUCKETS
         self.promised = [0.0] * NUM_BUCKETS
+        self._table = None
 
     def ratios(self) -> list[float]:
         """Accepted nodes per node the surrogate promised, per bucket (1 = calibrated), non-increasing."""
@@ -57,7 +64,9 @@ class AcceptanceCalibration:
 
     def scales(self, ranks: torch.Tensor) -> torch.Tensor:
         """(n,) float64: the factor for the gain of the drafter's nodes of these 0-based ranks."""
-        return torch.tensor(self.ratios(), dtype=torch.float64, device=ranks.device)[rank_buckets(ranks)]
+        if self._table is None or self._table.device != ranks.device:
+            self._table = torch.tensor(self.ratios(), dtype=torch.float64, device=ranks.device)
+        return self._table[rank_buckets(ranks)]
 
     def observe(self, promised: Sequence[float], accepted_ranks: Iterable[int]) -> None:
         """One round: the Φ its tree promised per bucket, and the drafter ranks of its accepted nodes."""
@@ -68,3 +77,5 @@ class AcceptanceCalibration:
             if promise > 0 or count:  # buckets the tree did not reach keep what they knew
                 self.accepted[bucket] = self.decay * self.accepted[bucket] + count
                 self.promised[bucket] = self.decay * self.promised[bucket] + promise
+        if self._table is not None:  # copied now, after the round's read, not while a draft pass runs
+            self._table = torch.tensor(self.ratios(), dtype=torch.float64, device=self._table.device)
