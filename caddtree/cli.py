@@ -332,7 +332,8 @@ def run_generate(args) -> None:
         for run in (shown, baseline) if baseline else (shown,):
             print(_stats_line(run))
         if baseline:
-            print(f"speed-up of {result.method} over ar: {_speedup_words(pairs)} ({_comparison(result, baseline, parting)})")
+            print(f"speed-up of {result.method} over ar: {_speedup_words(pairs, _speedup(shown, baseline))} "
+                  f"({_comparison(result, baseline, parting)})")
     if parting and not parting.near_tie:
         raise CaddtreeError(parting.describe())
     if parting:
@@ -362,9 +363,9 @@ def _comparison(result, baseline, parting) -> str:
     return "outputs part at a near-tie that rounding decides" if parting.near_tie else "OUTPUTS DIFFER: greedy decoding must not"
 
 
-def _speedup_words(pairs: list[tuple]) -> str:
+def _speedup_words(pairs: list[tuple], median: float) -> str:
+    """The median pair's speed-up, with the range of all pairs when there are several."""
     speedups = sorted(_speedup(*timed) for timed in pairs)
-    median = speedups[(len(speedups) - 1) // 2]  # the median pair's, as `_median_pair` picks it
     if len(pairs) == 1:
         return f"{median:.2f}x"
     return f"{median:.2f}x, the median of {len(pairs)} interleaved pairs ({speedups[0]:.2f}-{speedups[-1]:.2f}x)"

@@ -65,7 +65,7 @@ class AcceptanceCalibration:
     def scales(self, ranks: torch.Tensor) -> torch.Tensor:
         """(n,) float64: the factor for the gain of the drafter's nodes of these 0-based ranks."""
         if self._table is None or self._table.device != ranks.device:
-            self._table = torch.tensor(self.ratios(), dtype=torch.float64, device=ranks.device)
+            self._refresh_table(ranks.device)
         return self._table[rank_buckets(ranks)]
 
     def observe(self, promised: Sequence[float], accepted_ranks: Iterable[int]) -> None:
@@ -78,4 +78,7 @@ class AcceptanceCalibration:
                 self.accepted[bucket] = self.decay * self.accepted[bucket] + count
                 self.promised[bucket] = self.decay * self.promised[bucket] + promise
         if self._table is not None:  # copied now, after the round's read, not while a draft pass runs
-            self._table = torch.tensor(self.ratios(), dtype=torch.float64, device=self._table.device)
+            self._refresh_table(self._table.device)
+
+    def _refresh_table(self, device: torch.device) -> None:
+        self._table = torch.tensor(self.ratios(), dtype=torch.float64, device=device)
