@@ -1,10 +1,10 @@
-"""Two-part tree attention equals dense attention with the full (context + tree) mask."""
+"""Both forms of tree attention equal dense attention with the full (context + tree) mask."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from caddtree.models.tree_attention import _attend, _attend_plain, context_and_tree_attention
+from caddtree.models.tree_attention import _attend, _attend_plain, context_and_tree_attention, masked_tree_attention
 
 
 def dense_reference(query, key, value, tree_visible, scale):
@@ -27,14 +27,15 @@ def random_tree_visibility(nodes: int, generator) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("heads, kv_heads, context, nodes", [(4, 4, 7, 5), (6, 2, 33, 17), (9, 3, 1, 1), (8, 1, 100, 40)])
-def test_two_parts_equal_the_dense_mask(heads, kv_heads, context, nodes):
+@pytest.mark.parametrize("form", [context_and_tree_attention, masked_tree_attention])
+def test_tree_attention_equals_the_dense_mask(form, heads, kv_heads, context, nodes):
     generator = torch.Generator().manual_seed(heads * 100 + nodes)
     query = torch.randn(1, heads, nodes, 16, generator=generator)
     key = torch.randn(1, kv_heads, context + nodes, 16, generator=generator)
     value = torch.randn(1, kv_heads, context + nodes, 16, generator=generator)
     visible = random_tree_visibility(nodes, generator)
     expected = dense_reference(query, key, value, visible, 0.25)
-    torch.testing.assert_close(context_and_tree_attention(query, key, value, visible, 0.25), expected,
+    torch.testing.assert_close(form(query, key, value, visible, 0.25), expected,
                                atol=2e-5, rtol=2e-5)
 
 
