@@ -110,3 +110,33 @@ def test_a_fixed_shape_cache_keeps_its_context_when_it_grows():
     assert runner.capacity == 3 * CAPACITY_STEP and runner.context_len == 5
     after, _ = runner.verify(root, depth, sees_itself)
     torch.testing.assert_close(after, before)
+
+
+def test_a_drafter_in_another_precision_drafts_like_it_from_its_own_copy():
+    from caddtree.decode.drafting import DraftRunner
+
+    target = tiny_target("qwen3", vocab_size=32, layers=3)
+    drafter = random_drafter(target, 2, 6, seed=7)
+    features = torch.randn(9, len(drafter.config.target_layer_ids) * target.hidden_size,
+                           generator=torch.Generator().manual_seed(2))
+    full, half = DraftRunner(drafter, target), DraftRunner(drafter, target, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.head.weight.dtype == torch.bfloat16
+    assert drafter.fc.weight.dtype == torch.float32  # the caller's drafter is left as it was
+    for runner in (full, half):
+        runner.extend(features, torch.arange(9))
+    root = torch.tensor(3)
+    exact, rounded = full.draft(root, 9, 5), half.draft(root, 9, 5)
+    assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact)
+    torch.testing.assert_close(rounded, exact, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("bf16_units, device_dtype, expected", [
+    (True, torch.float32, torch.bfloat16), (False, torch.float32, torch.float32), (True, torch.bfloat16, torch.bfloat16)])
+def test_the_drafter_drafts_in_bfloat16_only_under_float32_on_a_cpu_with_bfloat16_units(
+        monkeypatch, bf16_units, device_dtype, expected):
+    from caddtree.decode.drafting import decoding_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_units, raising=False)
+    target = tiny_target("qwen3", vocab_size=32, layers=3)
+    target.model.to(device_dtype)
+    assert decoding_dtype(target) == expected

@@ -71,6 +71,21 @@ def test_every_method_matches_greedy(arch, block_size):
     assert accepted_more_than_one, "no round accepted a draft token: the test exercised nothing"
 
 
+@pytest.mark.parametrize("bf16_units", [False, True])
+def test_every_method_matches_greedy_whatever_precision_the_drafter_takes(monkeypatch, bf16_units):
+    """With bfloat16 units the drafter drafts in bfloat16 under a float32 target: other
+    proposals, the same output."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_units, raising=False)
+    target = tiny_target("qwen3", vocab_size=24, seed=4)
+    engine = Engine(target, random_drafter(target, num_layers=2, block_size=5, seed=1))
+    assert engine.drafts.dtype == (torch.bfloat16 if bf16_units else torch.float32)
+    engine.eos_ids = set()
+    for prompt in random_prompts(2, 24, seed=4):
+        expected = greedy_reference(target, prompt, 29, set())
+        for policy in [make_policy("ar"), *policies()]:
+            assert engine.generate(prompt, policy, 29).tokens == expected, policy.name
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_lookup_and_hybrid_trees_match_greedy_on_text_that_repeats_itself(arch):
     """Prompts that repeat a stretch: lookups are proposed and accepted, alone and beside a drafter."""

@@ -17,10 +17,11 @@ from caddtree.cost.fit import CostCurve, fit_convex, fit_monotone
 from caddtree.errors import CaddtreeError
 
 FORMAT = "caddtree-cost-model"
-VERSION = 9  # 2: profiles include tree size 0, the plain decoding step; 3: few-row linear dispatch on the CPU;
+VERSION = 10  # 2: profiles include tree size 0, the plain decoding step; 3: few-row linear dispatch on the CPU;
 # 4: quick CPU profiles time every small tree size, round-robin; 5: few-row GEMMs padded to multiples of 8 rows;
 # 6: 5 or more rows through oneDNN's linear on the CPU; 7: from 5 rows with weights packed once;
-# 8: every row count through oneDNN with packed weights; 9: the lower quartile of the repeats, not their median
+# 8: every row count through oneDNN with packed weights; 9: the lower quartile of the repeats, not their median;
+# 10: tree attention in one masked call and the drafter in bfloat16 on the CPU
 META_KEYS = ("target", "drafter", "device", "dtype")
 FIELDS = ("meta", "contexts", "draft_seconds", "verify_convex", "verify_monotone", "measurements")
 

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from caddtree.decode.acceptance import accepted_path, read_path
-from caddtree.decode.drafting import DraftRunner
+from caddtree.decode.drafting import DraftRunner, decoding_dtype
 from caddtree.decode.lookup import LookupProposer
 from caddtree.decode.proposals import Proposals
 from caddtree.decode.sampling import Sampling
@@ -46,7 +46,8 @@ class Engine:
         self.target = target
         on_gpu = target.device.type == "cuda"
         static_shapes = on_gpu if static_shapes is None else static_shapes
-        self.drafts = DraftRunner(drafter, target, static_shapes, on_gpu) if drafter is not None else None
+        self.drafts = None if drafter is None else DraftRunner(drafter, target, static_shapes, on_gpu,
+                                                               decoding_dtype(target))
         feature_layers = self.drafts.feature_layers if self.drafts else []
         if static_shapes:
             self.verifier = StaticTargetRunner(target, feature_layers, cuda_graphs=on_gpu)

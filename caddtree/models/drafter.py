@@ -179,8 +179,9 @@ class DraftHead:
     def __init__(self, drafter: DFlashDrafter, target_head: nn.Linear):
         self.vocab = drafter.draft_vocab  # (K,) or None
         weight, bias = target_head.weight.detach(), getattr(target_head, "bias", None)
-        self.weight = weight if self.vocab is None else weight[self.vocab]  # (K, H): gathered once
-        self.bias = None if bias is None else (bias.detach() if self.vocab is None else bias.detach()[self.vocab])
+        dtype = drafter.fc.weight.dtype  # the drafter's precision (a copy only where it differs)
+        self.weight = (weight if self.vocab is None else weight[self.vocab]).to(dtype)  # (K, H): gathered once
+        self.bias = None if bias is None else (bias.detach() if self.vocab is None else bias.detach()[self.vocab]).to(dtype)
         if self.vocab is not None:  # (V,) draft index of every target token, -1 outside
             self._index_of = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
             self._index_of[self.vocab] = torch.arange(len(self.vocab), device=weight.device)
