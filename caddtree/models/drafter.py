@@ -11,6 +11,7 @@ for the K tokens the drafter may propose (a `draft_vocab` index stored with its 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,21 +62,32 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+        wide = x.float()
+        return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (half-split layout) of x (..., heads, seq, head_dim) at absolute positions
-    (seq,) shared by the batch, or (batch, seq) per batch row."""
+class Rotary(NamedTuple):
+    """cos and sin of the rotary angles at a pass's positions, made once for all its layers."""
+
+    cos: torch.Tensor  # (seq, half), or (batch, 1, seq, half) for per-row positions
+    sin: torch.Tensor
+
+    @classmethod
+    def at(cls, positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> "Rotary":
+        """Tables for absolute positions (seq,) shared by the batch, or (batch, seq) per batch row."""
+        half = head_dim // 2
+        inv_freq = theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+        angles = positions.float()[..., None] * inv_freq  # (..., seq, half)
+        if positions.dim() > 1:
+            angles = angles.unsqueeze(-3)  # broadcast over heads
+        return cls(angles.cos().to(dtype), angles.sin().to(dtype))
+
+
+def rotate(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """Rotary embedding (half-split layout) of x (..., heads, seq, head_dim)."""
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.float()[..., None] * inv_freq  # (..., seq, half)
-    if positions.dim() > 1:
-        angles = angles.unsqueeze(-3)  # broadcast over heads
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return torch.cat([x1 * rotary.cos - x2 * rotary.sin, x2 * rotary.cos + x1 * rotary.sin], dim=-1)
 
 
 class DrafterAttention(nn.Module):
@@ -83,7 +95,6 @@ class DrafterAttention(nn.Module):
         super().__init__()
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.rope_theta = config.rope_theta
         self.q_proj = nn.Linear(config.hidden_size, heads * head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=False)
@@ -95,21 +106,27 @@ class DrafterAttention(nn.Module):
         """(..., seq, heads*head_dim) -> (..., heads, seq, head_dim)"""
         return x.unflatten(-1, (heads, self.head_dim)).transpose(-3, -2)
 
-    def keys_values(self, x: torch.Tensor, positions: torch.Tensor):
+    def keys_values(self, x: torch.Tensor, rotary: Rotary):
         """Rotated, normed keys and values (..., kv_heads, seq, head_dim) of inputs x (..., seq, H)."""
-        keys = rotate(self.k_norm(self._split(self.k_proj(x), self.kv_heads)), positions, self.rope_theta)
+        keys = rotate(self.k_norm(self._split(self.k_proj(x), self.kv_heads)), rotary)
         return keys, self._split(self.v_proj(x), self.kv_heads)
 
-    def forward(self, x, positions, context_keys, context_values, attn_mask=None):
+    def forward(self, x, rotary: Rotary, context_keys, context_values, attn_mask=None):
         """x: block hidden states (..., b, H); context keys/values (..., kv_heads, c, head_dim), as
         tensors or as KVBuffers (decoding: the block is appended in place for this pass only)."""
-        queries = rotate(self.q_norm(self._split(self.q_proj(x), self.heads)), positions, self.rope_theta)
-        block_keys, block_values = self.keys_values(x, positions)
+        queries = rotate(self.q_norm(self._split(self.q_proj(x), self.heads)), rotary)
+        block_keys, block_values = self.keys_values(x, rotary)
         with joined(context_keys, block_keys) as keys, joined(context_values, block_values) as values:
-            out = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=attn_mask, enable_gqa=self.heads != self.kv_heads
-            )
+            out = _attention(queries, keys, values, attn_mask, self.heads != self.kv_heads)
         return self.o_proj(out.transpose(-3, -2).flatten(-2))
+
+
+def _attention(queries, keys, values, attn_mask, grouped: bool) -> torch.Tensor:
+    """SDPA over (..., heads, seq, head_dim); an unbatched (3-D) pass is given a batch axis, since
+    the CPU's fused kernel takes only 4-D inputs (without it: the unfused path, twice as slow)."""
+    if queries.dim() == 3:
+        return _attention(queries[None], keys[None], values[None], attn_mask, grouped)[0]
+    return F.scaled_dot_product_attention(queries, keys, values, attn_mask=attn_mask, enable_gqa=grouped)
 
 
 class DrafterMLP(nn.Module):
@@ -131,8 +148,8 @@ class DrafterLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = DrafterMLP(config)
 
-    def forward(self, x, positions, context_keys, context_values, attn_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), positions, context_keys, context_values, attn_mask)
+    def forward(self, x, rotary: Rotary, context_keys, context_values, attn_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, context_keys, context_values, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -158,15 +175,20 @@ class DFlashDrafter(nn.Module):
     def context_keys_values(self, target_features: torch.Tensor, positions: torch.Tensor):
         """Per layer, the keys and values that context tokens at `positions` contribute."""
         context = self.context(target_features)
-        return [layer.self_attn.keys_values(context, positions) for layer in self.layers]
+        rotary = self.rotary(positions, context.dtype)
+        return [layer.self_attn.keys_values(context, rotary) for layer in self.layers]
 
     def block_hidden(self, block_embeds, positions, context_kv, attn_mask=None) -> torch.Tensor:
         """Final normed hidden states (..., b, H) of a block given per-layer context keys/values
         (tensors, or KVBuffers that the pass leaves as it found them)."""
         x = block_embeds
+        rotary = self.rotary(positions, x.dtype)
         for layer, (keys, values) in zip(self.layers, context_kv):
-            x = layer(x, positions, keys, values, attn_mask)
+            x = layer(x, rotary, keys, values, attn_mask)
         return self.norm(x)
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> Rotary:
+        return Rotary.at(positions, self.config.head_dim, self.config.rope_theta, dtype)
 
 
 
