@@ -1,5 +1,6 @@
 """One-pass tree verification must see exactly what a plain forward over each root path sees."""
 
+import pytest
 import torch
 
 from caddtree.decode.acceptance import accepted_path
@@ -35,7 +36,8 @@ def test_tree_logits_and_features_equal_plain_forward_of_each_root_path():
             torch.testing.assert_close(features[position], expected_features, atol=1e-4, rtol=1e-4)
 
 
-def test_cache_after_keep_equals_cache_of_the_accepted_sequence():
+@pytest.mark.parametrize("kept_nodes", ["deepest path", "root alone", "nothing"])
+def test_cache_after_keep_equals_cache_of_the_accepted_sequence(kept_nodes):
     target = tiny_target("llama", vocab_size=32, seed=12)
     runner = TargetRunner(target, [])
     prompt = torch.tensor([5, 9, 2])
@@ -43,7 +45,8 @@ def test_cache_after_keep_equals_cache_of_the_accepted_sequence():
     log_probs = torch.log_softmax(2 * torch.randn(4, 32, generator=torch.Generator().manual_seed(4)), -1)
     tree = tree_from_ranked(rank_nodes(log_probs, 25), 25)
     deepest = int(tree.depths.argmax()) + 1
-    kept = tree.ancestor_mask[deepest].nonzero().squeeze(-1)
+    kept = {"deepest path": tree.ancestor_mask[deepest].nonzero().squeeze(-1),
+            "root alone": torch.tensor([0]), "nothing": torch.zeros(0, dtype=torch.long)}[kept_nodes]
     tokens = torch.cat([torch.tensor([6]), tree.tokens])
     runner.verify(tokens, torch.cat([torch.zeros(1, dtype=torch.long), tree.depths]), tree.ancestor_mask)
     runner.keep(kept)

@@ -25,7 +25,11 @@ class KVBuffer:
         return self.data[..., : self.length, :]
 
     def clear(self) -> None:
-        self.length = 0  # the buffer stays allocated for the next sequence
+        self.truncate(0)  # the buffer stays allocated for the next sequence
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first `length` entries."""
+        self.length = min(length, self.length)
 
     def append(self, entries: torch.Tensor) -> torch.Tensor:
         """Write `entries` after the current ones; returns a view of all of them."""
@@ -93,6 +97,12 @@ class BufferedCacheLayer(DynamicLayer):
         self._values.keep(start, positions)
         self.keys, self.values = self._keys.view(), self._values.view()
 
+    def truncate(self, length: int) -> None:
+        self._keys.truncate(length)
+        self._values.truncate(length)
+        if self.is_initialized:
+            self.keys, self.values = self._keys.view(), self._values.view()
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             self._keys.select_rows(indices)
@@ -100,10 +110,7 @@ class BufferedCacheLayer(DynamicLayer):
             self.keys, self.values = self._keys.view(), self._values.view()
 
     def clear(self) -> None:
-        self._keys.clear()
-        self._values.clear()
-        if self.is_initialized:
-            self.keys, self.values = self._keys.view(), self._values.view()
+        self.truncate(0)
 
 
 class FixedSlots(NamedTuple):

@@ -341,8 +341,10 @@ class TargetRunner:
     @torch.inference_mode()
     def keep(self, accepted_positions: torch.Tensor) -> None:
         """After `verify`: keep the cache entries of the accepted tree positions, drop the rest."""
-        if len(accepted_positions) == 1 and self.context_len == self._tree_start + 1:
-            return  # a plain step keeps its root (always position 0), already in place
+        if len(accepted_positions) <= 1:  # nothing, or the root alone: it comes first, already in place
+            for layer in self.cache.layers:
+                layer.truncate(self._tree_start + len(accepted_positions))
+            return
         kept = self._tree_start + accepted_positions
         for layer in self.cache.layers:
             layer.keep(self._tree_start, kept)
