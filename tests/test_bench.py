@@ -345,7 +345,8 @@ def test_bench_end_to_end(capsys, model_dirs, tmp_path, monkeypatch):
     for name in (RESULTS_MD, CURVES_PNG, HISTOGRAM_PNG, COST_PNG):
         assert (out / name).stat().st_size > 0
     env = json.loads((out / RESULTS_JSON).read_text())["environment"]
-    assert env["target"] == "target" and env["dtype"] == "float32" and env["processes"] == 1
+    assert env["target"] == "target" and env["processes"] == 1
+    assert env["dtype"] in ("float32", "float32 (drafter bfloat16)")  # the latter where the CPU has bfloat16 units
     assert {"python", "torch", "transformers", "caddtree", "device", "drafter", "command", "date"} <= env.keys()
     assert "| caddtree-exact ÷ oracle |" in stdout and str(out / RESULTS_JSON) in stdout
 

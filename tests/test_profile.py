@@ -39,3 +39,13 @@ def test_auto_profiles_once_then_reuses_and_remakes_a_damaged_cache(tmp_path, mo
     path.write_text(json.dumps({"format": "caddtree-cost-model", "version": 1}))  # an older caddtree's file
     remade = auto_cost_model(engine, "random", show_progress=False)
     assert CostModel.load(path).measurements == remade.measurements
+
+
+@pytest.mark.parametrize("bf16_units, label", [(True, "float32 (drafter bfloat16)"), (False, "float32")])
+def test_a_cost_model_records_the_drafters_precision_where_it_differs(monkeypatch, bf16_units, label):
+    """A profile made with a bfloat16 drafter is not served to a float32 one (its draft cost differs)."""
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_units, raising=False)
+    target = tiny_target("qwen3", vocab_size=32)
+    assert cost_meta(Engine(target, random_drafter(target, 1, 5)), "random")["dtype"] == label

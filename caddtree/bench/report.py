@@ -17,7 +17,7 @@ import transformers
 from caddtree.bench.metrics import DatasetSummary, MethodStats, inexact_methods, summary_to_json
 from caddtree.bench.runner import Record
 from caddtree.cost.model import CostModel
-from caddtree.cost.profile import device_label
+from caddtree.cost.profile import device_label, dtype_label
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -39,7 +39,7 @@ def environment(pair, command: list[str], world_size: int) -> dict:
         "processes": world_size,
         "target": pair.target.name,
         "drafter": pair.drafter_name,
-        "dtype": str(pair.target.dtype).removeprefix("torch."),
+        "dtype": dtype_label(pair.engine),
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

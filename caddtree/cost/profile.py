@@ -47,12 +47,12 @@ def cost_meta(engine: Engine, drafter_name: str) -> dict:
         "target": engine.target.name,
         "drafter": drafter_name,
         "device": device_label(engine.target.device) + ("/cuda-graphs" if engine.verifier.cuda_graphs else ""),
-        "dtype": _dtype_label(engine),
+        "dtype": dtype_label(engine),
         "shapes": hashlib.sha256(shapes.encode()).hexdigest()[:16],
     }
 
 
-def _dtype_label(engine: Engine) -> str:
+def dtype_label(engine: Engine) -> str:
     """The target's precision, and the drafter's where it drafts in another one."""
     name = lambda dtype: str(dtype).removeprefix("torch.")
     target, drafter = engine.target.dtype, engine.drafts.dtype if engine.drafts else engine.target.dtype
