@@ -16,16 +16,17 @@ from caddtree.tree.build import RankedNodes
 def node_paths(nodes: RankedNodes, max_depth: int) -> torch.Tensor:
     """(N, max_depth) long: the tokens of each node's path from the root, -1 past its depth."""
     count = nodes.size
-    # One spare column takes the writes of walks that are already past the root.
-    paths = torch.full((count, max_depth + 1), -1, dtype=torch.long, device=nodes.tokens.device)
-    node = torch.arange(count, device=nodes.tokens.device)
-    for _ in range(max_depth):  # up one level per step, every node at once
-        alive = node >= 0
-        safe = node.clamp(min=0)
-        column = torch.where(alive, nodes.depths[safe] - 1, max_depth)
-        paths.scatter_(1, column[:, None], torch.where(alive, nodes.tokens[safe], -1)[:, None])
-        node = torch.where(alive, nodes.parents[safe], -1)
-    return paths[:, :max_depth]
+    # A sentinel after the last node stands for the root: its own parent, writing -1 to a spare column.
+    root = torch.full((1,), count, dtype=torch.long, device=nodes.tokens.device)
+    parents = torch.cat([torch.where(nodes.parents < 0, count, nodes.parents), root])
+    tokens = torch.cat([nodes.tokens, root.new_full((1,), -1)])
+    columns = torch.cat([nodes.depths - 1, root.new_full((1,), max_depth)])
+    walk = [torch.arange(count, device=root.device)]  # each node, then its parent, grandparent, ...
+    for _ in range(max_depth - 1):
+        walk.append(parents[walk[-1]])
+    ancestors = torch.stack(walk, dim=1)  # (N, max_depth): each at its own depth's column
+    paths = torch.full((count, max_depth + 1), -1, dtype=torch.long, device=root.device)
+    return paths.scatter_(1, columns[ancestors], tokens[ancestors])[:, :max_depth]
 
 
 def merge_ranked(first: RankedNodes, second: RankedNodes, max_nodes: int) -> tuple[RankedNodes, torch.Tensor]:
