@@ -112,14 +112,17 @@ def test_a_fixed_shape_cache_keeps_its_context_when_it_grows():
     torch.testing.assert_close(after, before)
 
 
-def test_a_drafter_in_another_precision_drafts_like_it_from_its_own_copy():
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_a_drafter_in_another_precision_drafts_like_it_from_its_own_copy(static_shapes):
     from caddtree.decode.drafting import DraftRunner
 
     target = tiny_target("qwen3", vocab_size=32, layers=3)
     drafter = random_drafter(target, 2, 6, seed=7)
     features = torch.randn(9, len(drafter.config.target_layer_ids) * target.hidden_size,
                            generator=torch.Generator().manual_seed(2))
-    full, half = DraftRunner(drafter, target), DraftRunner(drafter, target, dtype=torch.bfloat16)
+    full, half = (DraftRunner(drafter, target, static_shapes, dtype=dtype) for dtype in (None, torch.bfloat16))
+    for runner in (full, half):
+        runner.reserve(40)
     assert half.dtype == torch.bfloat16 and half.head.weight.dtype == torch.bfloat16
     assert drafter.fc.weight.dtype == torch.float32  # the caller's drafter is left as it was
     for runner in (full, half):

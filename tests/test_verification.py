@@ -15,7 +15,11 @@ def plain_forward(target, token_ids: list[int]):
     return output.logits[0, -1], output.hidden_states
 
 
-def test_tree_logits_and_features_equal_plain_forward_of_each_root_path():
+@pytest.mark.parametrize("one_call_keys", [1024, 0])  # the CPU's one-call form, then the two-part one
+def test_tree_logits_and_features_equal_plain_forward_of_each_root_path(monkeypatch, one_call_keys):
+    from caddtree.models import tree_attention
+
+    monkeypatch.setattr(tree_attention, "ONE_CALL_KEYS", one_call_keys)
     for arch in ("llama", "qwen3"):
         target = tiny_target(arch, vocab_size=32, seed=11)
         feature_layers = [0, 2]  # hidden_states of the last layer are after the final norm in HF

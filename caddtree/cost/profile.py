@@ -54,9 +54,13 @@ def cost_meta(engine: Engine, drafter_name: str) -> dict:
 
 def dtype_label(engine: Engine) -> str:
     """The target's precision, and the drafter's where it drafts in another one."""
-    name = lambda dtype: str(dtype).removeprefix("torch.")
-    target, drafter = engine.target.dtype, engine.drafts.dtype if engine.drafts else engine.target.dtype
-    return name(target) + ("" if drafter == target else f" (drafter {name(drafter)})")
+    target = _dtype_name(engine.target.dtype)
+    drafter = _dtype_name(engine.drafts.dtype) if engine.drafts else target
+    return target if drafter == target else f"{target} (drafter {drafter})"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _timed(runs: list, repeats: int, device: torch.device) -> list[float]:

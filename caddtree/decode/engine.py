@@ -40,14 +40,16 @@ def synchronize(device: torch.device) -> None:
 class Engine:
     """A target (and optionally a drafter) ready to decode with any policy."""
 
-    def __init__(self, target: Target, drafter: DFlashDrafter | None = None, static_shapes: bool | None = None):
-        """`static_shapes` (default: on CUDA) verifies with fixed shapes, replayed as CUDA graphs on a GPU."""
+    def __init__(self, target: Target, drafter: DFlashDrafter | None = None, static_shapes: bool | None = None,
+                 drafter_dtype: torch.dtype | None = None):
+        """`static_shapes` (default: on CUDA) verifies with fixed shapes, replayed as CUDA graphs on a GPU;
+        the drafter drafts in `drafter_dtype` (default: `decoding_dtype`, bfloat16 on a CPU with its units)."""
         check_tree_verification(target)
         self.target = target
         on_gpu = target.device.type == "cuda"
         static_shapes = on_gpu if static_shapes is None else static_shapes
         self.drafts = None if drafter is None else DraftRunner(drafter, target, static_shapes, on_gpu,
-                                                               decoding_dtype(target))
+                                                               drafter_dtype or decoding_dtype(target))
         feature_layers = self.drafts.feature_layers if self.drafts else []
         if static_shapes:
             self.verifier = StaticTargetRunner(target, feature_layers, cuda_graphs=on_gpu)

@@ -175,20 +175,21 @@ class DFlashDrafter(nn.Module):
     def context_keys_values(self, target_features: torch.Tensor, positions: torch.Tensor):
         """Per layer, the keys and values that context tokens at `positions` contribute."""
         context = self.context(target_features)
-        rotary = self.rotary(positions, context.dtype)
+        rotary = self.rotary(positions)
         return [layer.self_attn.keys_values(context, rotary) for layer in self.layers]
 
     def block_hidden(self, block_embeds, positions, context_kv, attn_mask=None) -> torch.Tensor:
         """Final normed hidden states (..., b, H) of a block given per-layer context keys/values
         (tensors, or KVBuffers that the pass leaves as it found them)."""
         x = block_embeds
-        rotary = self.rotary(positions, x.dtype)
+        rotary = self.rotary(positions)
         for layer, (keys, values) in zip(self.layers, context_kv):
             x = layer(x, rotary, keys, values, attn_mask)
         return self.norm(x)
 
-    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> Rotary:
-        return Rotary.at(positions, self.config.head_dim, self.config.rope_theta, dtype)
+    def rotary(self, positions: torch.Tensor) -> Rotary:
+        """In the drafter's precision: that of the queries and keys it rotates, autocast or not."""
+        return Rotary.at(positions, self.config.head_dim, self.config.rope_theta, self.fc.weight.dtype)
 
 
 
@@ -201,12 +202,17 @@ class DraftHead:
     def __init__(self, drafter: DFlashDrafter, target_head: nn.Linear):
         self.vocab = drafter.draft_vocab  # (K,) or None
         weight, bias = target_head.weight.detach(), getattr(target_head, "bias", None)
-        dtype = drafter.fc.weight.dtype  # the drafter's precision (a copy only where it differs)
-        self.weight = (weight if self.vocab is None else weight[self.vocab]).to(dtype)  # (K, H): gathered once
-        self.bias = None if bias is None else (bias.detach() if self.vocab is None else bias.detach()[self.vocab]).to(dtype)
+        dtype = drafter.fc.weight.dtype
+        self.weight = self._rows(weight, dtype)  # (K, H)
+        self.bias = None if bias is None else self._rows(bias.detach(), dtype)
         if self.vocab is not None:  # (V,) draft index of every target token, -1 outside
             self._index_of = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
             self._index_of[self.vocab] = torch.arange(len(self.vocab), device=weight.device)
+
+    def _rows(self, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The draft vocabulary's entries of a head tensor, gathered once, in the drafter's precision
+        (a copy only where either differs)."""
+        return (table if self.vocab is None else table[self.vocab]).to(dtype)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (..., K) of hidden states (..., H)."""

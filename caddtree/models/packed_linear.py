@@ -34,6 +34,8 @@ from torch import nn
 PACKED_FOR_ROWS = 64  # oneDNN's layout hint; 16, 64 and 256 timed alike
 ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
           and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+# The dtypes it takes here: bfloat16 only where oneDNN has bfloat16 kernels for this CPU.
+ONEDNN_DTYPES = (torch.float32,) + ((torch.bfloat16,) if ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else ())
 _enabled = contextvars.ContextVar("caddtree_packed_linear", default=False)
 # id(weight) -> (weak reference to weight, (data pointer, version), packed copy); an entry leaves with its weight
 _packed_weights: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
@@ -53,7 +55,7 @@ def onednn_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def _onednn_takes(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """oneDNN's linear neither autocasts nor records gradients."""
     tensors = (rows, weight) if bias is None else (rows, weight, bias)
-    return (ONEDNN and rows.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+    return (ONEDNN and rows.device.type == "cpu" and weight.dtype in ONEDNN_DTYPES
             and all(t.dtype == weight.dtype for t in tensors) and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 

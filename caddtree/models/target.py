@@ -340,7 +340,8 @@ class TargetRunner:
 
     @torch.inference_mode()
     def keep(self, accepted_positions: torch.Tensor) -> None:
-        """After `verify`: keep the cache entries of the accepted tree positions, drop the rest."""
+        """After `verify`: keep the cache entries of the accepted tree positions (increasing, the
+        root's 0 first), drop the rest."""
         if len(accepted_positions) <= 1:  # nothing, or the root alone: it comes first, already in place
             for layer in self.cache.layers:
                 layer.truncate(self._tree_start + len(accepted_positions))
