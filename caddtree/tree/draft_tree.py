@@ -49,11 +49,15 @@ def ancestor_mask_from_parents(parents: torch.Tensor, max_depth: int) -> torch.T
     num_positions = parents.shape[0] + 1
     # The root is its own parent, so walks that reach it stay there.
     parent_of_position = torch.cat([parents.new_zeros(1), parents])  # (n+1,)
-    positions = torch.arange(num_positions, device=parents.device)  # (n+1,)
+    ancestors = ancestor_walk(parent_of_position, max_depth)  # (n+1, max_depth+1)
     mask = torch.zeros(num_positions, num_positions, dtype=torch.bool, device=parents.device)
-    mask[positions, positions] = True
-    ancestors = positions  # (n+1,) the ancestor of each position reached so far
-    for _ in range(max_depth if num_positions > 1 else 0):
-        ancestors = parent_of_position[ancestors]
-        mask[positions, ancestors] = True
-    return mask
+    return mask.scatter_(1, ancestors, True)
+
+
+def ancestor_walk(parents: torch.Tensor, steps: int) -> torch.Tensor:
+    """(n, steps+1) long: each of n nodes, then its parent, grandparent, ..., `steps` levels up, all
+    nodes at once. `parents` (n,) must make the root its own parent, so walks that reach it stay."""
+    walk = [torch.arange(parents.shape[0], device=parents.device)]
+    for _ in range(steps):
+        walk.append(parents[walk[-1]])
+    return torch.stack(walk, dim=1)

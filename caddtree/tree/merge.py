@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from caddtree.tree.build import RankedNodes
+from caddtree.tree.draft_tree import ancestor_walk
 
 
 def node_paths(nodes: RankedNodes, max_depth: int) -> torch.Tensor:
@@ -21,10 +22,7 @@ def node_paths(nodes: RankedNodes, max_depth: int) -> torch.Tensor:
     parents = torch.cat([torch.where(nodes.parents < 0, count, nodes.parents), root])
     tokens = torch.cat([nodes.tokens, root.new_full((1,), -1)])
     columns = torch.cat([nodes.depths - 1, root.new_full((1,), max_depth)])
-    walk = [torch.arange(count, device=root.device)]  # each node, then its parent, grandparent, ...
-    for _ in range(max_depth - 1):
-        walk.append(parents[walk[-1]])
-    ancestors = torch.stack(walk, dim=1)  # (N, max_depth): each at its own depth's column
+    ancestors = ancestor_walk(parents, max_depth - 1)[:count]  # (N, max_depth): each at its own depth's column
     paths = torch.full((count, max_depth + 1), -1, dtype=torch.long, device=root.device)
     return paths.scatter_(1, columns[ancestors], tokens[ancestors])[:, :max_depth]
 
