@@ -18,6 +18,7 @@ from caddtree.cost.model import CostModel, cache_path
 from caddtree.decode.engine import Engine, synchronize
 from caddtree.errors import CaddtreeError
 from caddtree.models.drafter_io import config_to_dict
+from caddtree.models.target import dtype_name
 from caddtree.tree.build import rank_nodes, tree_from_ranked
 
 FULL_SIZES = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
@@ -54,13 +55,9 @@ def cost_meta(engine: Engine, drafter_name: str) -> dict:
 
 def dtype_label(engine: Engine) -> str:
     """The target's precision, and the drafter's where it drafts in another one."""
-    target = _dtype_name(engine.target.dtype)
-    drafter = _dtype_name(engine.drafts.dtype) if engine.drafts else target
+    target = dtype_name(engine.target.dtype)
+    drafter = dtype_name(engine.drafts.dtype) if engine.drafts else target
     return target if drafter == target else f"{target} (drafter {drafter})"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _timed(runs: list, repeats: int, device: torch.device) -> list[float]:

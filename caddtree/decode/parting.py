@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from caddtree.models.target import Target
+from caddtree.models.target import Target, dtype_name
 
 # Logit differences that rounding makes, as a share of the top logit: a few times those measured
 # above (float32 ~3e-6, bfloat16 ~0.05); float16 has 3 more mantissa bits than bfloat16.
@@ -46,9 +46,9 @@ class Parting:
             return f"{where} (one output ends where the other goes on): this is a bug, please report it"
         gap = f"token {self.token} against ar's {self.reference_token}, logits {self.margin:.3g} apart"
         if self.near_tie:
-            return (f"{where} ({gap}: a near-tie that {_dtype_name(self.dtype)} rounding decides, not a bug; "
+            return (f"{where} ({gap}: a near-tie that {dtype_name(self.dtype)} rounding decides, not a bug; "
                     f"--dtype float32 compares token for token)")
-        return f"{where} ({gap}, more than {_dtype_name(self.dtype)} rounding explains): this is a bug, please report it"
+        return f"{where} ({gap}, more than {dtype_name(self.dtype)} rounding explains): this is a bug, please report it"
 
 
 def first_parting(target: Target, method: str, prompt_ids: torch.Tensor, tokens: list[int],
@@ -70,7 +70,3 @@ def first_parting(target: Target, method: str, prompt_ids: torch.Tensor, tokens:
 def _next_token_logits(target: Target, token_ids: torch.Tensor) -> torch.Tensor:
     ids = token_ids.to(target.device)[None]
     return target.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -175,6 +175,11 @@ def _ensure_dir(path: Path) -> Path:
     return path
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """How messages and records name a precision: float32, bfloat16, ..."""
+    return str(dtype).removeprefix("torch.")
+
+
 def target_label(spec: str | None) -> str:
     """How messages name a target the user gave (or did not give)."""
     return spec or "SmolLM2-135M-Instruct (default GGUF)"
