@@ -37,10 +37,10 @@ class DraftRunner:
 
     def __init__(self, drafter: DFlashDrafter, target: Target, static_shapes: bool = False, cuda_graphs: bool = False,
                  dtype: torch.dtype | None = None):
-        if dtype is not None and dtype != drafter.fc.weight.dtype:
+        if dtype is not None and dtype != drafter.dtype:
             drafter = copy.deepcopy(drafter).to(dtype)
         self.drafter = drafter
-        self.dtype = drafter.fc.weight.dtype
+        self.dtype = drafter.dtype
         packed_linear.install(drafter)
         self._target_embed = target.model.get_input_embeddings()
         self.head = DraftHead(drafter, target.model.get_output_embeddings())

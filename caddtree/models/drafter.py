@@ -168,6 +168,11 @@ class DFlashDrafter(nn.Module):
         # (K,) target token id of each draft-vocabulary entry, increasing; None: the whole vocabulary
         self.register_buffer("draft_vocab", None if size is None else torch.zeros(size, dtype=torch.long))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision its weights (and so its passes) are in."""
+        return self.fc.weight.dtype
+
     def context(self, target_features: torch.Tensor) -> torch.Tensor:
         """Target features (..., c, n_layers*H) -> drafter context states (..., c, H)."""
         return self.hidden_norm(self.fc(target_features))
@@ -189,7 +194,7 @@ class DFlashDrafter(nn.Module):
 
     def rotary(self, positions: torch.Tensor) -> Rotary:
         """In the drafter's precision: that of the queries and keys it rotates, autocast or not."""
-        return Rotary.at(positions, self.config.head_dim, self.config.rope_theta, self.fc.weight.dtype)
+        return Rotary.at(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
 
 
 
@@ -202,9 +207,8 @@ class DraftHead:
     def __init__(self, drafter: DFlashDrafter, target_head: nn.Linear):
         self.vocab = drafter.draft_vocab  # (K,) or None
         weight, bias = target_head.weight.detach(), getattr(target_head, "bias", None)
-        dtype = drafter.fc.weight.dtype
-        self.weight = self._rows(weight, dtype)  # (K, H)
-        self.bias = None if bias is None else self._rows(bias.detach(), dtype)
+        self.weight = self._rows(weight, drafter.dtype)  # (K, H)
+        self.bias = None if bias is None else self._rows(bias.detach(), drafter.dtype)
         if self.vocab is not None:  # (V,) draft index of every target token, -1 outside
             self._index_of = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
             self._index_of[self.vocab] = torch.arange(len(self.vocab), device=weight.device)

@@ -244,7 +244,7 @@ def grown_drafter(drafter: DFlashDrafter, num_layers: int) -> DFlashDrafter:
     its output projections (attention and MLP) zeroed: a residual layer that adds nothing, so the
     grown drafter computes exactly what `drafter` does until training moves those projections."""
     config = dataclasses.replace(drafter.config, num_hidden_layers=num_layers)
-    grown = DFlashDrafter(config).to(device=drafter.fc.weight.device, dtype=drafter.fc.weight.dtype)
+    grown = DFlashDrafter(config).to(device=drafter.fc.weight.device, dtype=drafter.dtype)
     state = drafter.state_dict()
     last = drafter.config.num_hidden_layers - 1
     for index in range(last + 1, num_layers):

@@ -27,7 +27,7 @@ TREE_BUDGET = 16  # the DDTree budget whose τ training reports next to the chai
 def decoding_tau(target: Target, drafter: DFlashDrafter, prompts: list[Prompt], new_tokens: int) -> dict[str, float]:
     """Mean τ of the DFlash chain and of DDTree at budget 16 on held-out prompts."""
     # tau needs no speed (nothing to capture), and is the drafter's as it is trained
-    engine = Engine(target, drafter, static_shapes=False, drafter_dtype=drafter.fc.weight.dtype)
+    engine = Engine(target, drafter, static_shapes=False, drafter_dtype=drafter.dtype)
     policies = {"dflash": make_policy("dflash"), f"ddtree{TREE_BUDGET}": make_policy("ddtree", TREE_BUDGET)}
     try:
         return {name: statistics.fmean(engine.generate(encode_prompt(target, p), policy, new_tokens).tau
