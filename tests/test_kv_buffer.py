@@ -143,3 +143,35 @@ def test_the_drafter_drafts_in_bfloat16_only_under_float32_on_a_cpu_with_bfloat1
     target = tiny_target("qwen3", vocab_size=32, layers=3)
     target.model.to(device_dtype)
     assert decoding_dtype(target) == expected
+
+
+def test_transformers_cache_edits_keep_the_buffered_layer_consistent():
+    """Cache.crop / reorder_cache / batch_repeat_interleave / reset, as transformers calls them,
+    against the same edits of the plain tensors: `get_seq_length` must follow `keys`."""
+    from transformers.cache_utils import DynamicCache
+
+    from caddtree.models.kv_buffer import BufferedCacheLayer
+
+    generator = torch.Generator().manual_seed(0)
+    cache = DynamicCache()
+    cache.layers = [BufferedCacheLayer() for _ in range(2)]
+    keys, values = torch.randn(2, 3, 7, 4, generator=generator), torch.randn(2, 3, 7, 4, generator=generator)
+    for layer in range(2):
+        cache.update(keys, values, layer)
+    cache.crop(-2)
+    keys, values = keys[..., :5, :], values[..., :5, :]
+    cache.reorder_cache(torch.tensor([1, 0]))
+    keys, values = keys[[1, 0]], values[[1, 0]]
+    cache.batch_repeat_interleave(2)
+    keys, values = keys.repeat_interleave(2, dim=0), values.repeat_interleave(2, dim=0)
+    block = torch.randn(4, 3, 1, 4, generator=generator)
+    for layer in range(2):
+        joined_keys, joined_values = cache.update(block, block, layer)
+        assert torch.equal(joined_keys, torch.cat([keys, block], dim=-2))
+        assert torch.equal(joined_values, torch.cat([values, block], dim=-2))
+    assert cache.get_seq_length() == 6
+    with pytest.raises(ValueError, match="negative count"):
+        cache.crop(3)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    assert torch.equal(cache.update(block, block, 0)[0], block)

@@ -112,6 +112,24 @@ class BufferedCacheLayer(DynamicLayer):
     def clear(self) -> None:
         self.truncate(0)
 
+    # transformers' own edits of a layer, routed through the buffers: the inherited ones would
+    # slice `keys` and leave the buffers' lengths (what `get_seq_length` reads) behind.
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of entries to remove, not {tokens_to_remove}")
+        self.truncate(self.get_seq_length() + tokens_to_remove)
+
+    def reset(self) -> None:
+        self.clear()
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            rows = torch.arange(self._keys.data.shape[0], device=self._keys.data.device)
+            self.batch_select_indices(rows.repeat_interleave(repeats))
+
 
 class FixedSlots(NamedTuple):
     """A KVBuffer's whole storage and the slots a pass writes its block into: fixed shapes and
