@@ -190,9 +190,15 @@ def test_a_sliding_window_target_is_exact_inside_its_window_and_refused_beyond()
     expected = greedy_reference(target, prompt, 20, set())
     for policy in (make_policy("ar"), make_policy("dflash"), make_policy("ddtree", 12)):
         assert engine.generate(prompt, policy, 20).tokens == expected, policy.name
-    with pytest.raises(CaddtreeError, match="sliding window of 40 tokens"):
-        engine.generate(prompt, make_policy("ddtree", 12), 40)
+    for policy in (make_policy("ddtree", 12), make_policy("lookup", None, "exact", flat_cost_model(1e-6))):  # lookup trees too, without a drafter
+        with pytest.raises(CaddtreeError, match="sliding window of 40 tokens.*or --method ar$"):
+            engine.generate(prompt, policy, 40)
     assert engine.generate(prompt, make_policy("ar"), 40).tokens == greedy_reference(target, prompt, 40, set())
+    fixed_shapes = Engine(target, static_shapes=True)  # masks even a plain step
+    fixed_shapes.eos_ids = set()
+    assert fixed_shapes.generate(prompt, make_policy("ar"), 20).tokens == expected
+    with pytest.raises(CaddtreeError, match="--method ar --no-cuda-graphs$"):
+        fixed_shapes.generate(prompt, make_policy("ar"), 40)
 
 
 def test_a_target_with_attention_softcapping_is_refused_in_one_line():

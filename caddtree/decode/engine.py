@@ -82,8 +82,7 @@ class Engine:
         device = self.target.device
         prompt_ids = prompt_ids.to(device)
         max_new_tokens = min(max_new_tokens, self.target.max_positions - len(prompt_ids))
-        if policy.uses_drafter:
-            check_within_window(self.target, len(prompt_ids) + max_new_tokens + self.drafts.block_size)
+        self._check_window(policy, len(prompt_ids) + max_new_tokens)
         self.reserve(len(prompt_ids) + max_new_tokens, policy.largest_tree(self.draft_len))
         generator = torch.Generator(device=device).manual_seed(seed)
         result = GenerationResult(method=policy.name, prompt_tokens=len(prompt_ids), tokens=[])
@@ -106,6 +105,14 @@ class Engine:
             result.rounds.append(RoundRecord(budget, kept, context_len, time.perf_counter() - start, drafted))
             if finished:
                 return result
+
+    def _check_window(self, policy, positions: int) -> None:
+        """Trees, and every pass of the fixed-shape runner, attend under a mask of their own, which
+        a sliding-window layer takes as given: exact only while the whole sequence fits the window."""
+        static = isinstance(self.verifier, StaticTargetRunner)
+        if policy.largest_tree(self.draft_len) or static:
+            remedy = "--method ar --no-cuda-graphs" if static else "--method ar"
+            check_within_window(self.target, positions + (self.drafts.block_size if policy.uses_drafter else 0), remedy)
 
     def _prefill(self, prompt_ids, sampling, generator, uses_drafter) -> torch.Tensor:
         logits, features = self.verifier.prefill(prompt_ids)

@@ -111,13 +111,13 @@ def check_tree_verification(target: Target) -> None:
                             "verification does not support that yet, so it would not be exact")
 
 
-def check_within_window(target: Target, tokens: int) -> None:
+def check_within_window(target: Target, tokens: int, remedy: str = "--method ar") -> None:
     """A tree sees the whole context: exact only while all of it fits a sliding window."""
     window = target.attention_window
     if window is not None and tokens > window:
-        raise CaddtreeError(f"{target.name} attends over a sliding window of {window} tokens; verifying draft trees "
-                            f"is exact only within it, and prompt + new tokens + draft need {tokens}: use fewer "
-                            "new tokens, a shorter prompt, or --method ar")
+        raise CaddtreeError(f"{target.name} attends over a sliding window of {window} tokens; verifying under "
+                            f"caddtree's masks is exact only within it, and prompt + new tokens + draft need {tokens}: "
+                            f"use fewer new tokens, a shorter prompt, or {remedy}")
 
 
 def load_target(spec: str | None, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Target:
