@@ -297,6 +297,8 @@ def run_generate(args) -> None:
     prompt = _read_prompt(args.prompt)
     check_prompt_text(prompt)
     check_policy_arguments(args.method, args.budget, args.rule, args.lookup)
+    if args.uncalibrated and args.method != "caddtree":  # calibration weighs the drafter's nodes
+        raise CaddtreeError(f"--uncalibrated applies to caddtree only, not to method {args.method!r}")
     Sampling(args.temperature, args.top_p, args.top_k)
     _check_cost_model_file(args.cost_model, [args.method])
     if args.repeats > 1 and not args.compare_ar:
@@ -392,6 +394,10 @@ def run_profile(args) -> None:
     from caddtree.cost.shape import convexity_statement, monotonicity_statement, plot_verify_costs
     from pathlib import Path
 
+    if args.out:  # before minutes of profiling, not after
+        if os.path.isdir(args.out):
+            raise CaddtreeError(f"--out {args.out} is a directory; give the JSON file to write")
+        _check_directory(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
     pair = _load(args)
     model = profile(pair.engine, pair.drafter_name, args.sizes or FULL_SIZES, args.contexts or FULL_CONTEXTS, args.repeats)
     out = args.out or cache_path(cost_meta(pair.engine, pair.drafter_name))
@@ -416,6 +422,7 @@ def run_bench(args) -> None:
     if args.prompts and not os.path.isfile(args.prompts):
         raise CaddtreeError(f"prompt file not found: {args.prompts}")
     _check_cost_model_file(args.cost_model, args.methods)
+    _check_directory(args.out, "--out")
     options = BenchOptions(
         out=args.out, datasets=args.datasets, n=args.n, budgets=args.budgets, methods=args.methods,
         temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
@@ -448,6 +455,7 @@ def run_train_drafter(args) -> None:
         for path in args.data:
             if not os.path.isfile(path):
                 raise CaddtreeError(f"data file not found: {path}")
+    _check_directory(args.out, "--out")
     if args.feature_cache:
         _check_directory(args.feature_cache, "--feature-cache")
     wanted = args.eval_prompts + (0 if args.data else args.num_prompts)

@@ -103,6 +103,14 @@ def test_no_lookup_with_another_method(capsys, models):
                       "--no-lookup applies to caddtree only", only_line=True)
 
 
+@pytest.mark.parametrize("method, option, words", [
+    ("ar", ("--budget", "4"), "method 'ar' builds none"), ("dflash", ("--budget", "4"), "method 'dflash' builds none"),
+    ("ddtree", ("--uncalibrated",), "--uncalibrated applies to caddtree only"),
+    ("lookup", ("--uncalibrated",), "--uncalibrated applies to caddtree only")])
+def test_an_option_the_method_would_ignore_is_refused(capsys, models, method, option, words):
+    assert_user_error(capsys, generate_args(models, "w3", "--method", method, *option), words, only_line=True)
+
+
 def test_negative_budget(capsys, models):
     assert_user_error(capsys, generate_args(models, "w3", "--budget", "-1"),
                       "--budget", "must be >= 0, got -1", only_line=True)
@@ -492,6 +500,17 @@ def test_train_drafter_refuses_a_feature_cache_that_is_a_file(capsys, tmp_path):
     taken.write_text("not a directory")
     assert_user_error(capsys, ["train-drafter", "--out", tmp_path / "out", "--feature-cache", taken],
                       f"--feature-cache {taken} is not a directory that can be written", only_line=True)
+
+
+def test_output_paths_are_refused_before_the_long_work(capsys, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    assert_user_error(capsys, ["train-drafter", "--out", taken, "--data", taken],
+                      f"--out {taken} is not a directory that can be written", only_line=True)
+    assert_user_error(capsys, ["bench", "--out", taken], f"--out {taken} is not a directory that can be written",
+                      only_line=True)
+    assert_user_error(capsys, ["profile", "--out", tmp_path], f"--out {tmp_path} is a directory", only_line=True)
+    assert_user_error(capsys, ["profile", "--out", taken / "model.json"], "--out's folder", only_line=True)
 
 
 def test_compare_ar_reports_a_greedy_mismatch_as_an_error(capsys, models, monkeypatch):

@@ -109,6 +109,14 @@ def test_round_trip_changes_outputs_when_a_weight_changes(saved, drafter, target
     assert not torch.equal(draft_outputs(drafter, target), draft_outputs(loaded, target))
 
 
+def test_a_feature_cache_beside_the_weights_is_not_read_as_weights(saved, drafter, target):
+    from safetensors.torch import save_file
+
+    save_file({"features": torch.zeros(3, 4)}, str(saved / "features-bf16-0123456789ab.safetensors"))
+    loaded = load_drafter(str(saved), target)
+    assert all(torch.equal(loaded.state_dict()[name], value) for name, value in drafter.state_dict().items())
+
+
 def test_config_json_has_published_dflash_layout(saved, drafter, target):
     raw = json.loads((saved / "config.json").read_text())
     assert raw["architectures"] == ["DFlashDraftModel"]

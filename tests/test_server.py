@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import httpx
@@ -324,3 +325,54 @@ def test_serve_argument_errors(capsys):
     assert "cannot serve on 127.0.0.1" in capsys.readouterr().err
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port must be in 1..65535" in capsys.readouterr().err
+
+
+# --- in process: clients that leave a whole reply, or the queue ------------------------------------
+
+
+class EndlessPair:
+    """A pair whose generation sends text until its job is cancelled, so a client can leave mid-way."""
+
+    def __init__(self):
+        self.target = tiny_target("llama", vocab_size=32, layers=1)
+
+    def generate(self, prompt, raw, on_text, **options):
+        while not on_text("w3 "):
+            time.sleep(0.05)
+        return SimpleNamespace(finish_reason="length")
+
+
+def test_clients_that_leave_a_whole_reply_or_the_queue_are_counted_and_log_no_traceback(caplog):
+    import threading
+
+    import uvicorn
+
+    from caddtree.server.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(EndlessPair(), NAME, {}), port=port, log_config=None))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+
+        def leave_after_a_second():
+            body = {"model": NAME, "prompt": "w3 w4", "max_tokens": 100}
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(base + "/v1/completions", json=body, timeout=1.0)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # one generating, one waiting behind it
+            list(pool.map(lambda _: leave_after_a_second(), range(2)))
+        deadline = time.monotonic() + 10
+        while httpx.get(base + "/health").json()["cancelled"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(base + "/health").json() | {"status": "ok"} == {
+            "status": "ok", "model": NAME, "waiting": 0, "running": False, "completed": 0, "cancelled": 2,
+            "rejected": 0, "failed": 0}
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert not [record for record in caplog.records if record.levelname == "ERROR" or record.exc_info]

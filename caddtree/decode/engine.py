@@ -79,6 +79,8 @@ class Engine:
             raise CaddtreeError(f"method {policy.name!r} needs a drafter")
         if max_new_tokens < 1:
             raise CaddtreeError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+        if not -(2**63) <= seed < 2**64:
+            raise CaddtreeError(f"the seed must lie in [-2**63, 2**64), got {seed}")
         device = self.target.device
         prompt_ids = prompt_ids.to(device)
         max_new_tokens = min(max_new_tokens, self.target.max_positions - len(prompt_ids))

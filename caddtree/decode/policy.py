@@ -229,6 +229,8 @@ def check_policy_arguments(method: str, budget: int | None = None, rule: str = "
         raise CaddtreeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if budget is not None and budget < 0:
         raise CaddtreeError(f"the budget must be >= 0, got {budget}")
+    if budget is not None and method in ("ar", "dflash"):
+        raise CaddtreeError(f"--budget sizes the trees of ddtree, caddtree and lookup; method {method!r} builds none")
     if rule not in RULES:
         raise CaddtreeError(f"unknown budget rule {rule!r}; choose greedy or exact")
     if not lookup and method != "caddtree":

@@ -129,7 +129,8 @@ def read_config(directory: Path) -> DrafterConfig:
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    files = sorted(directory.glob("*.safetensors"))
+    # Hugging Face's weight names first: a training run's --out may also hold a feature cache.
+    files = sorted(directory.glob("model*.safetensors")) or sorted(directory.glob("*.safetensors"))
     if not files:
         raise CaddtreeError(f"drafter checkpoint {directory} has no .safetensors weights")
     weights = {}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from jinja2 import TemplateError
 from safetensors import SafetensorError
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -211,7 +212,10 @@ def encode_chat(target: Target, messages: list[dict], raw: bool = False) -> torc
     if tokenizer is None:
         raise CaddtreeError(f"{target.name} is a randomly initialised architecture, for `caddtree profile` only")
     if not raw and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        except TemplateError as error:  # the template's own raise_exception, e.g. roles that do not alternate
+            raise CaddtreeError(f"{target.name}'s chat template refuses this conversation: {error}") from None
     else:
         ids = tokenizer("\n\n".join(message["content"] for message in messages), add_special_tokens=True)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long).flatten()

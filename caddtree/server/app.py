@@ -8,13 +8,15 @@ can see is OpenAI's JSON error object with the fitting status; no traceback leav
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import sys
+import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from caddtree.server.protocol import ChatRequest, CompletionRequest, Reply, error_body
@@ -23,6 +25,7 @@ from caddtree.server.worker import OUTCOMES, GenerationJob, GenerationWorker, Qu
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                500: "server_error", 503: "server_error"}
 DISCONNECT_POLL_SECONDS = 0.5
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection: logged, never read
 
 
 class ClientError(Exception):
@@ -61,14 +64,15 @@ def create_app(pair, model_name: str, generate_options: dict, max_queue: int = 1
     async def server_error(_request, error: Exception):
         return error_response(500, f"internal error: {type(error).__name__}")
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                reason = "no API key given" if not given else "wrong API key"
-                return error_response(401, f"{reason}: send the header Authorization: Bearer KEY", "invalid_api_key")
-        return await call_next(request)
+    # A dependency, not an HTTP middleware: Starlette's middleware hands the endpoint a `receive`
+    # that never reports the client's departure, so a whole reply would generate for nobody.
+    def authenticate(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        if api_key is not None and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            reason = "no API key given" if not given else "wrong API key"
+            raise ClientError(401, f"{reason}: send the header Authorization: Bearer KEY", "invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
 
     @app.get("/health")
     async def health():
@@ -76,17 +80,17 @@ def create_app(pair, model_name: str, generate_options: dict, max_queue: int = 1
         return {"status": "ok", "model": model_name, "waiting": worker.waiting, "running": worker.running is not None,
                 **{outcome: worker.counts[outcome] for outcome in OUTCOMES}}
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "caddtree"}]}
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         body = parse(ChatRequest, await request.body())
         messages = [message.model_dump() for message in body.messages]
         return await complete(request, body, Reply(chat=True, model=model_name), messages, raw=False)
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: Request):
         body = parse(CompletionRequest, await request.body())
         return await complete(request, body, Reply(chat=False, model=model_name), body.prompt, raw=True)
@@ -103,13 +107,17 @@ def create_app(pair, model_name: str, generate_options: dict, max_queue: int = 1
         except QueueFull:
             raise ClientError(503, f"the server is busy: {max_queue} requests already wait; try again later",
                               "queue_full") from None
-        kind, value = await next_event(request, job)
+        client = Client(request)
+        kind, value = await next_event(client, job)
         if kind == "error":
             raise ClientError(*value)
+        if kind == "gone":
+            return Response(status_code=CLIENT_GONE)
         if body.stream:
             return StreamingResponse(stream(job, reply), media_type="text/event-stream")
-        return await whole(request, job, reply)
+        return await whole(client, job, reply)
 
+    app.include_router(v1)
     return app
 
 
@@ -122,24 +130,40 @@ def parse(model, raw: bytes):
         raise ClientError(400, f"invalid request: {where + ': ' if where else ''}{first['msg']}") from None
 
 
-async def next_event(request: Request, job: GenerationJob):
-    """The job's next event; a client that has gone cancels the job (it ends at the next round).
-    (Streams learn of a departure from Starlette, which cancels them: see `stream`.)"""
+class Client:
+    """Whether a request's client has left, asked of Starlette at most every DISCONNECT_POLL_SECONDS
+    (by the clock: a generation sends text faster than any timeout would notice)."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
+
+    async def gone(self) -> bool:
+        if time.monotonic() < self.next_check:
+            return False
+        self.next_check = time.monotonic() + DISCONNECT_POLL_SECONDS
+        return await self.request.is_disconnected()
+
+
+async def next_event(client: Client, job: GenerationJob):
+    """The job's next event, or ("gone", None) for a client that has left: that cancels the job
+    (it ends at the next round). Streams learn of a departure from Starlette instead: see `stream`."""
     while True:
-        try:
+        if await client.gone():
+            job.cancelled.set()
+            return "gone", None
+        with contextlib.suppress(asyncio.TimeoutError):
             return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_SECONDS)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancelled.set()
-                raise asyncio.CancelledError from None
 
 
-async def whole(request: Request, job: GenerationJob, reply: Reply) -> JSONResponse:
+async def whole(client: Client, job: GenerationJob, reply: Reply) -> Response:
     pieces = []
     while True:
-        kind, value = await next_event(request, job)
+        kind, value = await next_event(client, job)
         if kind == "text":
             pieces.append(value)
+        elif kind == "gone":
+            return Response(status_code=CLIENT_GONE)
         elif kind == "error":
             return error_response(*value)
         else:

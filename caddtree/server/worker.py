@@ -74,6 +74,7 @@ class GenerationWorker:
                 break
             if job is not None:
                 job.cancelled.set()
+                self.counts["cancelled"] += 1
                 job.send("error", (503, "the server is shutting down"))
         if self.running is not None:
             self.running.cancelled.set()
@@ -82,7 +83,8 @@ class GenerationWorker:
 
     def _serve(self) -> None:
         while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():
+            if job.cancelled.is_set():  # its client left while it waited
+                self.counts["cancelled"] += 1
                 continue
             self.running = job
             try:
@@ -114,6 +116,9 @@ class GenerationWorker:
         job.send("started")
         try:
             result = self.pair.generate(job.prompt, raw=job.raw, on_text=on_text, **job.options, **self.generate_options)
+        except CaddtreeError as error:  # the request's fault, found by generation (e.g. past a sliding window)
+            job.send("error", (400, str(error)))
+            return "rejected"
         except Exception as error:  # noqa: BLE001: any failure inside generation is reported, and the server goes on
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             job.send("error", (500, f"generation failed: {type(error).__name__}: {first_line}"))
