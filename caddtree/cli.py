@@ -40,6 +40,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    from caddtree.decode.sampling import SEEDS
+
+    value = _int(text)
+    if not SEEDS.start <= value < SEEDS.stop:
+        raise argparse.ArgumentTypeError(f"must lie in [-2**63, 2**64), got {value}")
+    return value
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -137,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=_non_negative_int, default=0)
     generate.add_argument("--max-new-tokens", type=_positive_int, default=256)
     generate.add_argument("--cost-model", default="auto", help="cost-model JSON, or auto (profile once, cached)")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=_seed, default=0)
     generate.add_argument("--raw", action="store_true", help="do not apply the chat template")
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     generate.add_argument("--compare-ar", action="store_true",
@@ -214,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
                        help="dtype of the final checkpoint (bfloat16 halves its size)")
     train.add_argument("--mask-token-id", type=_non_negative_int, help="default: the first unused embedding row")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_seed, default=0)
     train.add_argument("--target", help="hub id, local model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
     train.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     return parser
@@ -237,7 +246,7 @@ def _add_bench_parser(commands) -> None:
                        help="comma-separated (default ar,dflash,ddtree,caddtree,lookup; caddtree runs both rules, uncalibrated and without lookups)")
     bench.add_argument("--temperature", type=float, default=0.0, choices=[0.0, 1.0], help="0 (greedy, default) or 1")
     bench.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    bench.add_argument("--seed", type=int, default=0, help="prompt sampling and decoding seed")
+    bench.add_argument("--seed", type=_seed, default=0, help="prompt sampling and decoding seed")
     bench.add_argument("--prompts", help="JSONL file: per line {\"prompt\": ...} or {\"turns\": [...]}, optional \"dataset\"")
     bench.add_argument("--out", default="bench-results", help="output directory (default bench-results)")
     bench.add_argument("--cost-model", default="auto", help="cost-model JSON, or auto (profile once, cached)")

@@ -4,6 +4,7 @@ success paths print what they promise. All on tiny targets written to temporary 
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,23 @@ def test_zero_top_p(capsys, models):
 def test_zero_max_new_tokens(capsys, models):
     assert_user_error(capsys, generate_args(models, "w3", "--max-new-tokens", "0"),
                       "--max-new-tokens", "must be >= 1, got 0", only_line=True)
+
+
+def test_a_seed_torch_cannot_take(capsys, models):
+    assert_user_error(capsys, generate_args(models, "w3", "--method", "ar", "--seed", str(2**64)),
+                      "--seed", "must lie in [-2**63, 2**64)", only_line=True)
+
+
+def test_a_conversation_the_chat_template_refuses(capsys, models, tmp_path):
+    from transformers import AutoTokenizer
+
+    target_dir = tmp_path / "strict"
+    shutil.copytree(models["target"], target_dir)
+    tokenizer = AutoTokenizer.from_pretrained(models["target"])
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
+    tokenizer.save_pretrained(target_dir)
+    args = ["generate", "w3", "--method", "ar", "--device", "cpu", "--target", str(target_dir)]
+    assert_user_error(capsys, args, "chat template refuses this conversation: roles must alternate")
 
 
 def test_missing_cost_model_file(capsys, models, tmp_path):

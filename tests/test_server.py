@@ -199,6 +199,7 @@ def post(server, path, payload, **headers):
     ({"model": "gpt-4", "prompt": "w3"}, 404, "'gpt-4' is not served here"),
     ({"model": NAME, "prompt": " ".join(["w3"] * 400)}, 400, "the model's context holds 256"),
     ({"model": NAME, "prompt": "   "}, 400, "the prompt is empty"),
+    ({"model": NAME, "prompt": "w3", "seed": 2**64}, 400, "seed"),
 ])
 def test_bad_requests_get_openai_errors(server, payload, status, words):
     code, body = post(server, "/completions", payload)

@@ -11,7 +11,7 @@ from caddtree.decode.acceptance import accepted_path, read_path
 from caddtree.decode.drafting import DraftRunner, decoding_dtype
 from caddtree.decode.lookup import LookupProposer
 from caddtree.decode.proposals import Proposals
-from caddtree.decode.sampling import Sampling
+from caddtree.decode.sampling import Sampling, check_seed
 from caddtree.decode.stats import GenerationResult, RoundRecord
 from caddtree.errors import CaddtreeError
 from caddtree.models.drafter import DFlashDrafter
@@ -79,8 +79,7 @@ class Engine:
             raise CaddtreeError(f"method {policy.name!r} needs a drafter")
         if max_new_tokens < 1:
             raise CaddtreeError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
-        if not -(2**63) <= seed < 2**64:
-            raise CaddtreeError(f"the seed must lie in [-2**63, 2**64), got {seed}")
+        check_seed(seed)
         device = self.target.device
         prompt_ids = prompt_ids.to(device)
         max_new_tokens = min(max_new_tokens, self.target.max_positions - len(prompt_ids))

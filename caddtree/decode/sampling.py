@@ -8,6 +8,13 @@ import torch
 
 from caddtree.errors import CaddtreeError
 
+SEEDS = range(-(2**63), 2**64)  # what torch's generators take
+
+
+def check_seed(seed: int) -> None:
+    if seed not in SEEDS:
+        raise CaddtreeError(f"the seed must lie in [-2**63, 2**64), got {seed}")
+
 
 @dataclass(frozen=True)
 class Sampling:

@@ -11,6 +11,7 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from caddtree.decode.sampling import SEEDS
 from caddtree.decode.stats import GenerationResult
 
 
@@ -29,7 +30,7 @@ class _Request(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch's generators take
+    seed: int | None = Field(default=None, ge=SEEDS.start, lt=SEEDS.stop)
     stop: str | list[str] | None = Field(default=None, validate_default=True)  # always a list after validation
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
