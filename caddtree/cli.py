@@ -578,15 +578,17 @@ def run_serve(args) -> None:
                "lookup": args.lookup}
     name = args.model_name or pair.target.name
     app = create_app(pair, name, options, args.max_queue, args.api_key, args.max_tokens)
-    _say(f"serving {name!r} with {args.method} on http://{args.host}:{args.port}/v1 (ctrl-c or SIGTERM stops)")
+    address = f"[{args.host}]" if ":" in args.host else args.host
+    _say(f"serving {name!r} with {args.method} on http://{address}:{args.port}/v1 (ctrl-c or SIGTERM stops)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
 
 
 def _check_bindable(host: str, port: int) -> None:
     import socket
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
     try:
-        with socket.create_server((host, port)):
+        with socket.create_server((host, port), family=family):
             pass
     except OSError as error:  # the port is taken, the address is not this machine's
         raise CaddtreeError(f"cannot serve on {host}:{port}: {error.strerror or error}") from None

@@ -318,12 +318,15 @@ def test_sigterm_finishes_the_reply_in_flight_and_exits_cleanly(model_dirs, tmp_
 
 
 def test_serve_argument_errors(capsys):
+    from caddtree.cli import _check_bindable
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         assert main(["serve", "--port", str(port)]) == 2
     assert "cannot serve on 127.0.0.1" in capsys.readouterr().err
+    _check_bindable("::1", 0)  # an IPv6 host is checked as an IPv6 address, as uvicorn binds it
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port must be in 1..65535" in capsys.readouterr().err
 
