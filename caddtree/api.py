@@ -40,9 +40,13 @@ def parse_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CaddtreeError(f"device {name!r} asked for, but PyTorch sees no CUDA device")
     try:
-        torch.device(name)
+        device = torch.device(name)
     except RuntimeError as error:
         raise CaddtreeError(f"unknown device {name!r}") from error
+    if device.type not in ("cpu", "cuda"):
+        raise CaddtreeError(f"caddtree runs on cpu or cuda devices, not {name!r}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CaddtreeError(f"device {name!r} asked for, but PyTorch sees {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 

@@ -203,6 +203,16 @@ def test_unknown_device(capsys, models):
     assert_user_error(capsys, argv, "unknown device 'tpu9'")
 
 
+def test_devices_caddtree_cannot_use(capsys, models, monkeypatch):
+    argv = generate_args(models, "w3")
+    argv[argv.index("--device") + 1] = "mps"
+    assert_user_error(capsys, argv, "caddtree runs on cpu or cuda devices, not 'mps'", only_line=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    argv[argv.index("--device") + 1] = "cuda:1"
+    assert_user_error(capsys, argv, "device 'cuda:1' asked for, but PyTorch sees 1 CUDA device(s)", only_line=True)
+
+
 def test_drafter_hidden_size_does_not_fit(capsys, models):
     assert_user_error(capsys, generate_args(models, "w3", drafter=models["narrow"]),
                       "hidden size 32", "the target 64")
