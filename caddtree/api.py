@@ -116,7 +116,7 @@ class Pair:
         `on_text` receives the text as it grows (streaming); returning True ends the generation
         after that piece (`finish_reason` "caller")."""
         sampling = Sampling(temperature, top_p, top_k)
-        check_policy_arguments(method, budget, rule, lookup)
+        check_policy_arguments(method, budget, rule, lookup, calibrate)
         prompt_ids = encode_prompt(self.target, prompt, raw)
         model = self.cost_model(cost_model, on_text is not None) if method in COST_AWARE_METHODS else None
         policy = make_policy(method, budget, rule, model, calibrate, lookup)

@@ -44,7 +44,7 @@ def _seed(text: str) -> int:
     from caddtree.decode.sampling import SEEDS
 
     value = _int(text)
-    if not SEEDS.start <= value < SEEDS.stop:
+    if value not in SEEDS:
         raise argparse.ArgumentTypeError(f"must lie in [-2**63, 2**64), got {value}")
     return value
 
@@ -305,9 +305,7 @@ def run_generate(args) -> None:
 
     prompt = _read_prompt(args.prompt)
     check_prompt_text(prompt)
-    check_policy_arguments(args.method, args.budget, args.rule, args.lookup)
-    if args.uncalibrated and args.method != "caddtree":  # calibration weighs the drafter's nodes
-        raise CaddtreeError(f"--uncalibrated applies to caddtree only, not to method {args.method!r}")
+    check_policy_arguments(args.method, args.budget, args.rule, args.lookup, not args.uncalibrated)
     Sampling(args.temperature, args.top_p, args.top_k)
     _check_cost_model_file(args.cost_model, [args.method])
     if args.repeats > 1 and not args.compare_ar:

@@ -223,7 +223,8 @@ class CostAware(Policy):
         self._promised = None
 
 
-def check_policy_arguments(method: str, budget: int | None = None, rule: str = "exact", lookup: bool = True) -> None:
+def check_policy_arguments(method: str, budget: int | None = None, rule: str = "exact", lookup: bool = True,
+                           calibrate: bool = True) -> None:
     """Reject a user's bad method, budget or rule before any work is done."""
     if method not in METHODS:
         raise CaddtreeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -235,6 +236,8 @@ def check_policy_arguments(method: str, budget: int | None = None, rule: str = "
         raise CaddtreeError(f"unknown budget rule {rule!r}; choose greedy or exact")
     if not lookup and method != "caddtree":
         raise CaddtreeError(f"--no-lookup applies to caddtree only, not to method {method!r}")
+    if not calibrate and method != "caddtree":  # calibration weighs the drafter's nodes
+        raise CaddtreeError(f"--uncalibrated applies to caddtree only, not to method {method!r}")
 
 
 def make_policy(method: str, budget: int | None = None, rule: str = "exact",
@@ -242,7 +245,7 @@ def make_policy(method: str, budget: int | None = None, rule: str = "exact",
     """The policy for a method. For caddtree and lookup, `budget` caps the tree (default: the
     largest profiled size); for ddtree it is the fixed size (default 64). `lookup` lets caddtree
     add continuations found in the context to the drafter's tree."""
-    check_policy_arguments(method, budget, rule, lookup)
+    check_policy_arguments(method, budget, rule, lookup, calibrate)
     if method == "ar":
         return Autoregressive()
     if method == "dflash":
